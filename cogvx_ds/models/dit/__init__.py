@@ -1,0 +1,3 @@
+from cogvx_ds.models.dit.transformer import CogVideoXTransformer
+
+__all__ = ["CogVideoXTransformer"]

@@ -1,0 +1,126 @@
+"""Process groups: world = DP x SP x TP, TP innermost (neighbouring ranks), then SP (Ulysses), then DP.
+
+Megatron-core's `parallel_state` owns the groups: its tensor-parallel group is our TP group and its
+context-parallel group serves as the Ulysses SP group. Every accessor here works in a plain process with no
+torch.distributed at all (sizes 1, ranks 0, groups None), so the model runs as TP=1/SP=1 there.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from cogvx_ds.parallel.cpu_shim import install_cpu_shim
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized() and ps.model_parallel_is_initialized()
+
+
+def init_distributed(tensor_parallel: int = 1, sequence_parallel: int = 1, backend: str = "auto",
+                     timeout_minutes: int = 30) -> None:
+    """Start torch.distributed from the launcher's env (torchrun/srun/deepspeed) and build the DP x SP x TP groups.
+
+    backend "auto" means NCCL when CUDA is available, else gloo (the CPU tests and the demo).
+    """
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        _env_from_slurm()
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    world = dist.get_world_size()
+    if world % (tensor_parallel * sequence_parallel) != 0:
+        raise ValueError(f"world size {world} is not divisible by parallel.tensor_parallel x "
+                         f"parallel.sequence_parallel = {tensor_parallel} x {sequence_parallel}")
+    if backend == "gloo" and not torch.cuda.is_available():
+        install_cpu_shim()
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        context_parallel_size=sequence_parallel,
+        distributed_timeout_minutes=timeout_minutes,
+        create_gloo_process_groups=False,
+    )
+
+
+def _env_from_slurm() -> None:
+    """Under plain `srun python ...` (no torchrun) derive torch.distributed's env from SLURM's."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_ADDR" not in os.environ:
+        raise RuntimeError("running under srun without torchrun: export MASTER_ADDR (the first node's host name)")
+
+
+def destroy_distributed() -> None:
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def tp_group():
+    return ps.get_tensor_model_parallel_group() if is_initialized() else None
+
+
+def tp_size() -> int:
+    return ps.get_tensor_model_parallel_world_size() if is_initialized() else 1
+
+
+def tp_rank() -> int:
+    return ps.get_tensor_model_parallel_rank() if is_initialized() else 0
+
+
+def sp_group():
+    return ps.get_context_parallel_group() if is_initialized() else None
+
+
+def sp_size() -> int:
+    return ps.get_context_parallel_world_size() if is_initialized() else 1
+
+
+def sp_rank() -> int:
+    return ps.get_context_parallel_rank() if is_initialized() else 0
+
+
+def dp_group():
+    """Pure data parallel: ranks holding different samples with the same TP and SP coordinates."""
+    return ps.get_data_parallel_group() if is_initialized() else None
+
+
+def dp_size() -> int:
+    return ps.get_data_parallel_world_size() if is_initialized() else 1
+
+
+def dp_rank() -> int:
+    return ps.get_data_parallel_rank() if is_initialized() else 0
+
+
+def dp_sp_group():
+    """DP x SP: the group ZeRO partitions over (ranks with the same TP coordinate)."""
+    return ps.get_data_parallel_group(with_context_parallel=True) if is_initialized() else None
+
+
+def dp_sp_size() -> int:
+    return ps.get_data_parallel_world_size(with_context_parallel=True) if is_initialized() else 1
+
+
+def dp_sp_rank() -> int:
+    return ps.get_data_parallel_rank(with_context_parallel=True) if is_initialized() else 0
+
+
+def dp_sp_src_rank() -> int:
+    """First global rank of this rank's DP x SP group (the modifier rank for GatheredParameters)."""
+    if not is_initialized():
+        return 0
+    return dist.get_process_group_ranks(dp_sp_group())[0]
