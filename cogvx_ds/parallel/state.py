@@ -29,11 +29,18 @@ def init_distributed(tensor_parallel: int = 1, sequence_parallel: int = 1, backe
     """
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # Megatron's async TP gradient all-reduce needs one CUDA work queue to overlap correctly.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if not dist.is_initialized():
         _env_from_slurm()
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    # DeepSpeed keeps its own communication backend (used by DistributedAttention and ZeRO); it adopts the
+    # process group started above.
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     world = dist.get_world_size()
     if world % (tensor_parallel * sequence_parallel) != 0:
         raise ValueError(f"world size {world} is not divisible by parallel.tensor_parallel x "

@@ -1,0 +1,125 @@
+"""Weight interop: save_diffusers -> diffusers, sharded safetensors, SAT -> ours, and the errors on bad files."""
+
+import argparse
+import json
+
+import pytest
+import torch
+from dit_helpers import CONFIGS, SIZES, make_inputs, make_reference, reference_forward_backward, rel_err
+from safetensors.torch import load_file, save_file
+
+from cogvx_ds.checkpoint.diffusers_io import WEIGHTS_NAME
+from cogvx_ds.checkpoint.layout import StateDictError
+from cogvx_ds.checkpoint.sat import UnsafeCheckpointError, diffusers_to_sat, sat_to_diffusers
+from cogvx_ds.config import ModelConfig
+from cogvx_ds.models import CogVideoXTransformer
+
+TOL = 1e-5
+
+
+def _out(model, kind, size=SIZES[1]):
+    x, text, t, _ = make_inputs(kind, size)
+    with torch.no_grad():
+        return model(x, text, t)
+
+
+def test_save_diffusers_loads_in_diffusers_with_same_outputs(tmp_path):
+    from diffusers import CogVideoXTransformer3DModel
+
+    ours = CogVideoXTransformer.from_config(ModelConfig(**CONFIGS["5b"], seed=3))
+    with torch.no_grad():  # make every tensor non-trivial, including the zero-initialised ones
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ours.save_diffusers(tmp_path / "export")
+    theirs = CogVideoXTransformer3DModel.from_pretrained(tmp_path / "export").eval()
+    x, text, t, probe = make_inputs("5b", SIZES[0])
+    ref = reference_forward_backward(theirs, "5b", x, text, t, probe)[0]
+    assert rel_err(_out(ours, "5b", SIZES[0]), ref) < TOL
+
+
+def test_sharded_checkpoints_both_ways(tmp_path):
+    ref = make_reference("2b")
+    ref.save_pretrained(tmp_path / "theirs", max_shard_size="40KB")
+    assert (tmp_path / "theirs" / f"{WEIGHTS_NAME}.index.json").is_file()
+    ours = CogVideoXTransformer.from_diffusers(tmp_path / "theirs")
+    expected = _out(ours, "2b")
+
+    ours.save_diffusers(tmp_path / "ours", max_shard_size=40_000)
+    index = json.loads((tmp_path / "ours" / f"{WEIGHTS_NAME}.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    from diffusers import CogVideoXTransformer3DModel
+
+    reloaded = CogVideoXTransformer3DModel.from_pretrained(tmp_path / "ours")
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[key], value, rtol=0, atol=0)
+    assert rel_err(_out(CogVideoXTransformer.from_diffusers(tmp_path / "ours"), "2b"), expected) == 0
+
+
+@pytest.mark.parametrize("kind", ["2b", "5b"])
+def test_sat_checkpoint_loads_with_same_outputs(kind, tmp_path):
+    ref = make_reference(kind)
+    sd = ref.state_dict()
+    sat = diffusers_to_sat(sd)
+    assert any(k.endswith("attention.query_key_value.weight") for k in sat)
+    assert any("adaLN_modulations.0.1.weight" in k for k in sat)
+    assert sat_to_diffusers(sat).keys() == sd.keys()
+    if kind == "2b":  # the released 2B file carries its fixed sin-cos table; its presence selects sin-cos
+        sat["model.diffusion_model.mixins.pos_embed.pos_embedding"] = torch.zeros(1, 10, 64)
+    torch.save({"module": sat, "args": argparse.Namespace(lr=1e-4)}, tmp_path / "mp_rank_00_model_states.pt")
+    cfg = ModelConfig(**CONFIGS[kind])
+    ours = CogVideoXTransformer.from_sat(tmp_path / "mp_rank_00_model_states.pt", config=cfg)
+    inferred = CogVideoXTransformer.from_sat(tmp_path)  # a folder; sizes and position type read off the file
+    assert inferred.config.use_rotary_positional_embeddings == (kind == "5b")
+    x, text, t, probe = make_inputs(kind, SIZES[0])
+    expected = reference_forward_backward(ref, kind, x, text, t, probe)[0]
+    assert rel_err(_out(ours, kind, SIZES[0]), expected) < TOL
+    assert rel_err(_out(inferred, kind, SIZES[0]), expected) < TOL
+
+
+def test_sat_adaln_chunk_order():
+    """SAT's 12 chunks: vision (attn shift/scale/gate, mlp shift/scale/gate), then text (same six)."""
+    w = torch.arange(12.0).repeat_interleave(2)[:, None]  # chunk c holds value c
+    out = sat_to_diffusers({"model.diffusion_model.mixins.adaln_layer.adaLN_modulations.0.1.weight": w})
+    assert out["transformer_blocks.0.norm1.linear.weight"][::2, 0].tolist() == [0, 1, 2, 6, 7, 8]
+    assert out["transformer_blocks.0.norm2.linear.weight"][::2, 0].tolist() == [3, 4, 5, 9, 10, 11]
+
+
+class Boom:  # stands for an arbitrary object in an untrusted pickle
+    pass
+
+
+def test_sat_pickle_with_objects_needs_explicit_opt_in(tmp_path):
+    sat = diffusers_to_sat(make_reference("5b").state_dict())
+    torch.save({"module": sat, "extra": Boom()}, tmp_path / "ckpt.pt")
+    with pytest.raises(UnsafeCheckpointError, match="allow_unsafe_pickle=True"):
+        CogVideoXTransformer.from_sat(tmp_path / "ckpt.pt", config=ModelConfig(**CONFIGS["5b"]))
+    model = CogVideoXTransformer.from_sat(tmp_path / "ckpt.pt", config=ModelConfig(**CONFIGS["5b"]),
+                                          allow_unsafe_pickle=True)
+    assert model.config.num_layers == 2
+
+
+def test_mismatched_keys_listed_in_one_error(tmp_path):
+    make_reference("5b").save_pretrained(tmp_path)
+    sd = load_file(str(tmp_path / WEIGHTS_NAME))
+    del sd["transformer_blocks.1.attn1.to_k.weight"]
+    sd["transformer_blocks.0.extra.weight"] = torch.zeros(3)
+    sd["proj_out.bias"] = torch.zeros(5)
+    save_file(sd, str(tmp_path / WEIGHTS_NAME))
+    with pytest.raises(StateDictError) as e:
+        CogVideoXTransformer.from_diffusers(tmp_path)
+    msg = str(e.value)
+    assert "missing (1): transformer_blocks.1.attn1.to_k.weight" in msg
+    assert "unexpected (1): transformer_blocks.0.extra.weight" in msg
+    assert "wrong shape (1): proj_out.bias: expected [16], got [5]" in msg
+
+
+def test_unsupported_or_missing_diffusers_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        CogVideoXTransformer.from_diffusers(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        CogVideoXTransformer.from_diffusers(tmp_path)
+    make_reference("5b").save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps(dict(cfg, patch_size_t=2)))
+    with pytest.raises(ValueError, match="patch_size_t = 2 is not supported"):
+        CogVideoXTransformer.from_diffusers(tmp_path / "m")
