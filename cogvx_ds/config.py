@@ -331,8 +331,8 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     _require(0 < d.beta_start < d.beta_end < 1, "diffusion.beta_start/beta_end", (d.beta_start, d.beta_end),
              "need 0 < beta_start < beta_end < 1")
     _require(d.snr_shift_scale > 0, "diffusion.snr_shift_scale", d.snr_shift_scale, "must be positive")
-    _require(d.prediction_type in ("v_prediction", "epsilon"), "diffusion.prediction_type", d.prediction_type,
-             "must be v_prediction or epsilon")
+    _require(d.prediction_type == "v_prediction", "diffusion.prediction_type", d.prediction_type,
+             "must be v_prediction (an epsilon model cannot predict x0 at the zero-SNR end of the schedule)")
     _require(d.beta_schedule in ("scaled_linear", "linear"), "diffusion.beta_schedule", d.beta_schedule,
              "must be scaled_linear or linear")
     _require(0 <= d.caption_dropout < 1, "diffusion.caption_dropout", d.caption_dropout, "must be in [0, 1)")
