@@ -90,7 +90,8 @@ class DataConfig:
     width: int = 720
     num_frames: int = 49  # pixel frames, 4k+1
     vae_spatial_compression: int = 8
-    image_ratio: float = 0.0  # fraction of samples that are images (one-frame videos)
+    image_ratio: float | None = None  # fraction of batches that are images; None: as they come in the shuffle
+    latent_scale: float = 1.15258426  # VAE scaling factor applied to the latents (2B: 1.15258426, 5B: 0.7)
     num_workers: int = 2
     prefetch: int = 4
     seed: int = 0
@@ -349,7 +350,9 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     tokens = video_tokens(m, dd.num_frames, dd.height, dd.width, dd.vae_spatial_compression)
     _require(tokens % p.sequence_parallel == 0, "parallel.sequence_parallel", p.sequence_parallel,
              f"must divide the video token count ({tokens} for {dd.num_frames}x{dd.height}x{dd.width})")
-    _require(0 <= dd.image_ratio <= 1, "data.image_ratio", dd.image_ratio, "must be in [0, 1]")
+    if dd.image_ratio is not None:
+        _require(0 <= dd.image_ratio <= 1, "data.image_ratio", dd.image_ratio, "must be in [0, 1] (or null)")
+    _require(dd.latent_scale > 0, "data.latent_scale", dd.latent_scale, "must be positive")
 
     _require(t.precision in ("bf16", "fp16", "fp32"), "train.precision", t.precision, "must be bf16, fp16 or fp32")
     _require(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", t.zero_stage, "must be 0, 1, 2 or 3")

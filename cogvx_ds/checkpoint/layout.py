@@ -90,9 +90,10 @@ def assign_local(param: torch.nn.Parameter, value: torch.Tensor) -> None:
     if _is_zero3(param):
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=state.dp_sp_src_rank()):
-            if not dist.is_initialized() or dist.get_rank() == state.dp_sp_src_rank():
-                param.data.copy_(value.to(param.dtype))
+        # modifier_rank is a rank *within* the parameter's partition group (DP x SP); with TP, each TP slice has
+        # its own group. Every rank holds the same value, so all copy and rank 0 of the group broadcasts.
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            param.data.copy_(value.to(param.dtype))
         return
     with torch.no_grad():
         param.copy_(value.to(device=param.device, dtype=param.dtype))

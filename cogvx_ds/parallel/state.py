@@ -124,10 +124,3 @@ def dp_sp_size() -> int:
 
 def dp_sp_rank() -> int:
     return ps.get_data_parallel_rank(with_context_parallel=True) if is_initialized() else 0
-
-
-def dp_sp_src_rank() -> int:
-    """First global rank of this rank's DP x SP group (the modifier rank for GatheredParameters)."""
-    if not is_initialized():
-        return 0
-    return dist.get_process_group_ranks(dp_sp_group())[0]

@@ -1,0 +1,68 @@
+"""python -m cogvx_ds.train --config <yaml> [--config <yaml> ...] [section.key=value ...]
+
+Trains the expert transformer on pre-encoded latent shards. Launch with torchrun, srun or the deepspeed
+launcher; without a launcher it runs as one process. The config is validated before any process group starts.
+Run dir (train.run_dir): metrics.jsonl, sample_order.jsonl, tensorboard/, checkpoints/, config.yaml and, at the
+end, final_model/ (diffusers format). A run dir with checkpoints/latest resumes automatically. On SIGTERM or
+SIGUSR1 it writes a checkpoint and exits with code 75 (requeue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _single_process_env() -> None:
+    if "WORLD_SIZE" in os.environ or "SLURM_PROCID" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cogvx_ds.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", action="append", default=[], metavar="YAML",
+                    help="config file or packaged name (model/tiny, stages/lq_pretrain, ...); later ones win")
+    ap.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.lr=1e-4 data.shards=[a/]")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved, validated config and exit")
+    args = ap.parse_args(argv)
+
+    import yaml
+
+    from cogvx_ds.config import ConfigError, _deep_merge, apply_overrides, from_dict, load_yaml_dict, validate
+
+    try:
+        data: dict = {}
+        for path in args.config:
+            data = _deep_merge(data, load_yaml_dict(path))
+        cfg = from_dict(apply_overrides(data, args.overrides))
+        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+        validate(cfg, world_size=world)
+        if not cfg.data.shards:
+            raise ConfigError("data.shards = []: give latent shard paths, folders or index.json files")
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    _single_process_env()
+    from cogvx_ds.train.trainer import Trainer
+
+    try:
+        trainer = Trainer(cfg)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return trainer.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""The DiT trainer: DeepSpeed ZeRO (3 by default) + Megatron TP + Ulysses SP, in one readable loop.
+
+Per optimizer step every rank: takes its micro-batches of the step's global batch, draws each sample's timestep,
+noise and posterior draw from a generator keyed by (seed, step, global sample index) -- so TP/SP peers of a
+sample agree and the run is independent of the parallel layout -- computes the v-MSE on its own video tokens,
+backpropagates through DeepSpeed, and steps. Checkpoints (DeepSpeed state + trainer_state.json) are written every
+`train.save_every` steps and on SIGTERM/SIGUSR1, after which the process exits with REQUEUE_EXIT_CODE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from cogvx_ds.config import Config, save_config
+from cogvx_ds.data.loader import GlobalPlan, RankLoader
+from cogvx_ds.data.shards import resolve_shards
+from cogvx_ds.diffusion import NoiseSchedule, bucket_loss_sums, bucket_losses
+from cogvx_ds.diffusion.timesteps import explicit_uniform_interval, sampling_generator
+from cogvx_ds.parallel import MegatronMPU, init_distributed, state
+
+warnings.filterwarnings("ignore", message=r".*torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor).*")
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, checkpoint written, requeue me" (launch/*.sbatch checks it)
+LOSS_BUCKETS = 10
+
+
+def build_ds_config(cfg: Config) -> dict:
+    t = cfg.train
+    if t.ds_config:
+        ds = json.loads(Path(t.ds_config).read_text())
+    else:
+        ds = {"zero_optimization": {"stage": t.zero_stage}}
+    ds.update({
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "gradient_clipping": t.grad_clip,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 500},
+    })
+    ds.pop("train_batch_size", None)  # DeepSpeed derives it; its "data parallel" size here is DP x SP
+    ds["zero_optimization"].setdefault("stage", t.zero_stage)
+    return ds
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def config_hash(cfg: Config) -> str:
+    """Hash of what defines the model and its data; a resumed run must match it."""
+    d = {"model": dataclasses.asdict(cfg.model), "diffusion": dataclasses.asdict(cfg.diffusion)}
+    d["model"].pop("activation_checkpointing")
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.train.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.shards = resolve_shards(cfg.data.shards)  # a missing shard fails here, before any process group
+        init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.sequence_parallel, cfg.parallel.backend,
+                         cfg.parallel.timeout_minutes)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+        self.schedule = NoiseSchedule.from_config(cfg.diffusion)
+        self.ds_config = build_ds_config(cfg)
+        self.engine, self.model = self._build_engine()
+        self.global_batch = state.dp_size() * cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps
+        self.plan = GlobalPlan(self.shards, self.global_batch, cfg.data.seed, cfg.data.image_ratio)
+        self.stop_signal = None
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self.empty_text = None
+
+    # ---------------------------------------------------------------------------------------------- setup
+    def _build_engine(self):
+        import deepspeed
+
+        from cogvx_ds.models import CogVideoXTransformer
+
+        mpu = MegatronMPU()
+        zero3 = self.ds_config["zero_optimization"]["stage"] == 3
+        # Under ZeRO-3 the model must be built inside zero.Init with the DP x SP group (built outside and
+        # partitioned later, SP silently produced wrong gradients).
+        with deepspeed.zero.Init(data_parallel_group=state.dp_sp_group(), mpu=mpu, config_dict_or_path=self.ds_config,
+                                 enabled=zero3):
+            model = CogVideoXTransformer(self.cfg.model)
+        self._init_weights(model)
+        # weight decay on matrices only (ZeRO-3 params are empty placeholders: use their full shape)
+        decay = [p for p in model.parameters() if len(getattr(p, "ds_shape", p.shape)) >= 2]
+        no_decay = [p for p in model.parameters() if len(getattr(p, "ds_shape", p.shape)) < 2]
+        t = self.cfg.train
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=tuple(t.betas))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.lr_schedule))
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=self.ds_config, mpu=mpu, dist_init_required=False)
+        return engine, model
+
+    def _init_weights(self, model) -> None:
+        src = self.cfg.train.init_from
+        if not src:
+            model.init_weights(self.cfg.model.seed)
+            return
+        from cogvx_ds.checkpoint.diffusers_io import LazySafetensors, _model_folder
+        from cogvx_ds.checkpoint.layout import load_full_state_dict
+        from cogvx_ds.checkpoint.sat import read_sat_file, sat_to_diffusers
+
+        path = Path(src)
+        if (path / "final_model" / "config.json").is_file():
+            path = path / "final_model"  # a previous stage's run dir
+        if path.suffix == ".pt" or (path.is_dir() and any(path.rglob("mp_rank_00_model_states.pt"))):
+            source, name = sat_to_diffusers(read_sat_file(path)), f"SAT checkpoint {path}"
+        else:
+            folder = _model_folder(path)
+            source, name = LazySafetensors(folder), str(folder)
+        load_full_state_dict(model, source, source_name=name)
+
+    # ---------------------------------------------------------------------------------------------- one step
+    def _draws(self, step: int, first_index: int, latent_shape: tuple, b: int):
+        """Per-sample (t, noise, posterior eps, caption drop), keyed by (seed, step, global sample index)."""
+        T, g_batch = self.schedule.num_train_timesteps, self.global_batch
+        ts, noise, eps, drop = [], [], [], []
+        for k in range(b):
+            j = first_index + k
+            gen = sampling_generator(self.cfg.train.seed, step, j)
+            # Explicit uniform sampling, stratified per sample of the global batch: DP rank i owns a contiguous
+            # block of it, so its t stay in [i*T/N, (i+1)*T/N) and the global batch covers [0, T) evenly.
+            lo, hi = explicit_uniform_interval(j, g_batch, T) if self.cfg.diffusion.explicit_uniform_sampling else (0, T)
+            ts.append(torch.randint(lo, hi, (1,), generator=gen))
+            noise.append(torch.randn(latent_shape, generator=gen))
+            eps.append(torch.randn(latent_shape, generator=gen))
+            drop.append(torch.rand(1, generator=gen) < self.cfg.diffusion.caption_dropout)
+        return torch.cat(ts), torch.stack(noise), torch.stack(eps), torch.cat(drop)
+
+    def _text(self, batch, drop):
+        text = batch.get("text")
+        if text is None:
+            raise ValueError("the shards carry no text embeddings (<key>.text.safetensors); re-encode them with "
+                             "data_tools.encode_latents --text-encoder PATH")
+        if drop.any():
+            if self.empty_text is None:
+                self.empty_text = self._load_empty_text(text.shape[1:])
+            text = torch.where(drop[:, None, None], self.empty_text.to(text.dtype), text)
+        return text
+
+    def _load_empty_text(self, shape):
+        from safetensors.torch import load_file
+
+        for folder in {s.parent for s in self.shards}:
+            f = folder / "empty_text.safetensors"
+            if f.is_file():
+                return load_file(str(f))["embedding"].reshape(shape)
+        raise FileNotFoundError("diffusion.caption_dropout > 0 needs the empty-caption embedding "
+                                "(empty_text.safetensors next to the shards, written by data_tools.encode_latents)")
+
+    def _sp_loss_factor(self) -> float:
+        # Each SP rank's loss is its share of the sample loss (local sum / global count). ZeRO-3 averages
+        # gradients over all DP x SP ranks, so the share is scaled by SP; ZeRO-1/2 divide by DP only.
+        return float(state.sp_size()) if self.ds_config["zero_optimization"]["stage"] == 3 else 1.0
+
+    def micro_step(self, batch, step: int):
+        cfg = self.cfg
+        mean, logvar = batch["mean"].float(), batch["logvar"].float()  # [b, C, F, H, W]
+        b = mean.shape[0]
+        t, noise, eps, drop = self._draws(step, batch["first_index"], tuple(mean.shape[1:]), b)
+        z = (mean + torch.exp(0.5 * logvar) * eps) * cfg.data.latent_scale
+        z, noise = z.permute(0, 2, 1, 3, 4), noise.permute(0, 2, 1, 3, 4)  # [b, F, C, H, W]
+        x_t = self.schedule.add_noise(z, noise, t).to(self.device)
+        target = self.schedule.v_target(z, noise, t)
+        text = self._text(batch, drop).to(self.device)
+        out = self.engine(x_t, text, t.float().to(self.device), gather_output=False)
+        start, end = self.model.local_token_range(out.shape[1] * state.sp_size())
+        target = self.model.patchify(target)[:, start:end].to(self.device)
+        sq = (out.float() - target.float()).square()
+        share = sq.sum(dim=(1, 2)) / (sq[0].numel() * state.sp_size())  # [b]: sums over SP to the sample mean
+        loss = share.mean() * self._sp_loss_factor()
+        return loss, share.detach(), t
+
+    # ---------------------------------------------------------------------------------------------- loop
+    def run(self) -> int:
+        cfg, t = self.cfg, self.cfg.train
+        start_step, position = self._resume()
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        from cogvx_ds.train.metrics import MetricsLogger
+
+        logger = MetricsLogger(self.run_dir, enabled=self.is_main, resume_step=start_step)
+        loader = RankLoader(self.plan, state.dp_rank(), state.dp_size(), t.micro_batch_size,
+                            t.gradient_accumulation_steps, start_position=position, prefetch=cfg.data.prefetch)
+        self._install_signal_handlers()
+        tp = state.tp_size()
+        step = start_step
+        try:
+            while step < t.max_steps:
+                t0 = time.time()
+                losses = torch.zeros(self.global_batch)
+                timesteps = torch.zeros(self.global_batch)
+                tokens = 0
+                batch = None
+                for _ in range(t.gradient_accumulation_steps):
+                    batch = loader.next()
+                    loss, share, ts = self.micro_step(batch, step)
+                    j = batch["first_index"]
+                    losses[j:j + len(share)] = share.cpu()
+                    timesteps[j:j + len(share)] = ts.float()
+                    finite = torch.tensor([float(torch.isfinite(loss).item())])
+                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                    if finite.item() == 1.0:
+                        self.engine.backward(loss)
+                    else:
+                        self._count_nonfinite(step, loss, batch)
+                    lr = self.engine.get_lr()[0]  # the rate this step uses (the scheduler advances in step())
+                    self.engine.step()
+                    tokens += batch["mean"][0].numel() // batch["mean"].shape[1] * len(share)
+                # loss shares summed over SP (and replicated over TP) -> per-sample losses of the global batch
+                dist.all_reduce(losses)
+                dist.all_reduce(timesteps)
+                losses, timesteps = losses / tp, timesteps / (tp * state.sp_size())
+                step += 1
+                dt = time.time() - t0
+                sums, counts = bucket_loss_sums(losses, timesteps.long(), self.schedule.num_train_timesteps,
+                                                LOSS_BUCKETS)
+                logger.log(step, {
+                    "loss": losses.mean().item(), "lr": lr,
+                    "grad_norm": _to_float(self.engine.get_global_grad_norm()),
+                    "samples_per_s": self.global_batch / dt, "tokens_per_s": tokens * state.dp_size() / dt,
+                    "nonfinite_skipped": self.nonfinite_total, "data_position": loader.position,
+                    **bucket_losses(sums, counts, self.schedule.num_train_timesteps), **_memory(),
+                }, sample_order={"keys": batch["global_keys"], "kind": "image" if batch["mean"].shape[2] == 1
+                                 else "video"})
+                stop = self._agreed_stop()
+                if step % t.save_every == 0 or stop or step == t.max_steps:
+                    self.save(step, loader.position)
+                if stop:
+                    logger.close()
+                    if self.is_main:
+                        print(f"received {self.stop_signal}: checkpoint at step {step} written; exiting with "
+                              f"{REQUEUE_EXIT_CODE} for requeue", flush=True)
+                    return REQUEUE_EXIT_CODE
+            self.model.save_diffusers(self.run_dir / "final_model")
+        finally:
+            loader.close()
+        logger.close()
+        return 0
+
+    def _count_nonfinite(self, step, loss, batch) -> None:
+        self.nonfinite_total += 1
+        self.nonfinite_in_a_row += 1
+        if self.nonfinite_in_a_row >= self.cfg.train.max_consecutive_nonfinite:
+            raise FloatingPointError(
+                f"{self.nonfinite_in_a_row} non-finite losses in a row (train.max_consecutive_nonfinite); last at "
+                f"step {step + 1}, rank {self.rank} (local loss {loss.item()}), bucket {batch['meta'][0].get('bucket')}, "
+                f"samples {batch['keys']}")
+
+    # ---------------------------------------------------------------------------------------------- checkpoints
+    def save(self, step: int, position: int) -> None:
+        tag = f"step{step:08d}"
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False)
+        dist.barrier()  # every rank has written its part
+        if self.is_main:
+            trainer_state = {"step": step, "data_position": position, "config_hash": config_hash(self.cfg),
+                             "world_size": self.world, "tp": state.tp_size(), "sp": state.sp_size(),
+                             "rng": "stateless: draws are keyed by (train.seed, step, global sample index)",
+                             "nonfinite_skipped": self.nonfinite_total}
+            _atomic_write(self.ckpt_dir / tag / "trainer_state.json", json.dumps(trainer_state, indent=2))
+            _atomic_write(self.ckpt_dir / "latest", tag)  # only after every rank finished
+            tags = sorted(p.name for p in self.ckpt_dir.glob("step*") if p.is_dir())
+            for old in tags[:-self.cfg.train.keep_last]:
+                shutil.rmtree(self.ckpt_dir / old, ignore_errors=True)
+        dist.barrier()
+
+    def _resume(self) -> tuple[int, int]:
+        latest = self.ckpt_dir / "latest"
+        if not latest.is_file():
+            return 0, 0
+        tag = latest.read_text().strip()
+        st = json.loads((self.ckpt_dir / tag / "trainer_state.json").read_text())
+        if st["config_hash"] != config_hash(self.cfg):
+            raise ValueError(f"{self.ckpt_dir / tag}: model/diffusion config differs from the checkpoint's; "
+                             f"use a new train.run_dir, or train.init_from to start from its weights")
+        self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        if self.is_main:
+            print(f"resumed from {self.ckpt_dir / tag} (step {st['step']}, data position {st['data_position']})",
+                  flush=True)
+        self.nonfinite_total = st.get("nonfinite_skipped", 0)
+        return st["step"], st["data_position"]
+
+    # ---------------------------------------------------------------------------------------------- signals
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            self.stop_signal = signal.Signals(signum).name
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    def _agreed_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop_signal else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # all ranks stop at the same step
+        if flag.item() and not self.stop_signal:
+            self.stop_signal = "a peer's signal"
+        return bool(flag.item())
+
+
+def _to_float(x) -> float | None:
+    if x is None:
+        return None
+    return float(x.item() if torch.is_tensor(x) else x)
+
+
+def _memory() -> dict:
+    if torch.cuda.is_available():
+        return {"memory_gb": torch.cuda.max_memory_allocated() / 2**30}
+    import psutil
+
+    return {"memory_gb": psutil.Process().memory_info().rss / 2**30}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
