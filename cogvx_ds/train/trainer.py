@@ -181,6 +181,13 @@ class Trainer:
         # gradients over all DP x SP ranks, so the share is scaled by SP; ZeRO-1/2 divide by DP only.
         return float(state.sp_size()) if self.ds_config["zero_optimization"]["stage"] == 3 else 1.0
 
+    def _fault_injection(self, step: int, loss):
+        """Test hook (COGVX_FAULT_NAN_STEPS="3,4"): make rank 0's loss non-finite at those 1-based steps."""
+        steps = os.environ.get("COGVX_FAULT_NAN_STEPS")
+        if steps and self.rank == 0 and step + 1 in {int(s) for s in steps.split(",")}:
+            return loss * float("nan")
+        return loss
+
     def micro_step(self, batch, step: int):
         cfg = self.cfg
         mean, logvar = batch["mean"].float(), batch["logvar"].float()  # [b, C, F, H, W]
@@ -196,7 +203,7 @@ class Trainer:
         target = self.model.patchify(target)[:, start:end].to(self.device)
         sq = (out.float() - target.float()).square()
         share = sq.sum(dim=(1, 2)) / (sq[0].numel() * state.sp_size())  # [b]: sums over SP to the sample mean
-        loss = share.mean() * self._sp_loss_factor()
+        loss = self._fault_injection(step, share.mean() * self._sp_loss_factor())
         return loss, share.detach(), t
 
     # ---------------------------------------------------------------------------------------------- loop
@@ -229,13 +236,20 @@ class Trainer:
                     timesteps[j:j + len(share)] = ts.float()
                     finite = torch.tensor([float(torch.isfinite(loss).item())])
                     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                    lr = self.engine.get_lr()[0]  # the rate this step uses (the scheduler advances in step())
                     if finite.item() == 1.0:
                         self.engine.backward(loss)
+                        self.nonfinite_in_a_row = 0
+                        self.engine.step()
                     else:
+                        # Skip: no backward. With one micro-batch per step the optimizer step is skipped too (no
+                        # momentum or decay update); with accumulation the bad micro-batch's gradient is left out
+                        # and the accumulation boundary kept, so DeepSpeed's step counting stays aligned.
                         self._count_nonfinite(step, loss, batch)
-                    lr = self.engine.get_lr()[0]  # the rate this step uses (the scheduler advances in step())
-                    self.engine.step()
-                    tokens += batch["mean"][0].numel() // batch["mean"].shape[1] * len(share)
+                        if self.cfg.train.gradient_accumulation_steps > 1:
+                            self.engine.step()
+                    f, h, w = batch["mean"].shape[2:]
+                    tokens += len(share) * f * (h // self.cfg.model.patch_size) * (w // self.cfg.model.patch_size)
                 # loss shares summed over SP (and replicated over TP) -> per-sample losses of the global batch
                 dist.all_reduce(losses)
                 dist.all_reduce(timesteps)
@@ -248,7 +262,8 @@ class Trainer:
                     "loss": losses.mean().item(), "lr": lr,
                     "grad_norm": _to_float(self.engine.get_global_grad_norm()),
                     "samples_per_s": self.global_batch / dt, "tokens_per_s": tokens * state.dp_size() / dt,
-                    "nonfinite_skipped": self.nonfinite_total, "data_position": loader.position,
+                    "nonfinite_skipped": self.nonfinite_total, "bad_shards": len(self.plan.bad_shards),
+                    "data_position": loader.position,
                     **bucket_losses(sums, counts, self.schedule.num_train_timesteps), **_memory(),
                 }, sample_order={"keys": batch["global_keys"], "kind": "image" if batch["mean"].shape[2] == 1
                                  else "video"})

@@ -1,0 +1,178 @@
+"""Trainer behaviour in one process: exact resume after SIGKILL, SIGTERM requeue, image/video mixing, the three
+stages, explicit uniform sampling, non-finite losses, and errors before training."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from train_helpers import make_shards, read_metrics, train_args
+
+from cogvx_ds.checkpoint.diffusers_io import LazySafetensors
+from cogvx_ds.diffusion.timesteps import explicit_uniform_interval
+from cogvx_ds.train.trainer import REQUEUE_EXIT_CODE
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def train(*args, check=True, env=None, timeout=300):
+    proc = subprocess.run([sys.executable, "-m", "cogvx_ds.train", *map(str, args)], capture_output=True, text=True,
+                          env=env or ENV, timeout=timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(f"train exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def start(*args):
+    return subprocess.Popen([sys.executable, "-m", "cogvx_ds.train", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def wait_for(cond, proc, timeout=240):
+    t0 = time.time()
+    while not cond():
+        if proc.poll() is not None:
+            pytest.fail(f"run ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            pytest.fail("timed out waiting for the run")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("data") / "shards", n_video=24, n_image=12)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reproduces_the_uninterrupted_curve(shards, tmp_path):
+    common = ["train.lr_schedule=constant", "train.save_every=3", "train.micro_batch_size=2"]
+    train(*train_args(tmp_path / "full", shards, *common, "train.max_steps=9"))
+    full = read_metrics(tmp_path / "full")
+
+    run = tmp_path / "killed"
+    proc = start(*train_args(run, shards, *common, "train.max_steps=1000"))
+    latest = run / "checkpoints" / "latest"
+    wait_for(lambda: latest.is_file() and latest.read_text() == "step00000006", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    logged = read_metrics(run)
+    assert len(logged) >= 6  # it may have logged steps past the checkpoint: those are replayed
+    train(*train_args(run, shards, *common, "train.max_steps=9"))
+    resumed = read_metrics(run)
+    assert [m["step"] for m in resumed] == list(range(1, 10))
+    for a, b in zip(resumed, full):
+        assert a["loss"] == b["loss"] and a["data_position"] == b["data_position"], (a["step"], a, b)
+    order_full = (tmp_path / "full" / "sample_order.jsonl").read_text()
+    assert (run / "sample_order.jsonl").read_text() == order_full  # the same samples, none lost or repeated
+
+
+@pytest.mark.slow
+def test_sigterm_writes_checkpoint_and_exits_for_requeue(shards, tmp_path):
+    proc = start(*train_args(tmp_path, shards, "train.max_steps=1000", "train.save_every=1000"))
+    wait_for(lambda: (tmp_path / "metrics.jsonl").is_file() and len(read_metrics(tmp_path)) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == REQUEUE_EXIT_CODE, err[-3000:]
+    last = read_metrics(tmp_path)[-1]["step"]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == f"step{last:08d}"
+    st = json.loads((tmp_path / "checkpoints" / f"step{last:08d}" / "trainer_state.json").read_text())
+    assert st["step"] == last and st["data_position"] == last
+    assert "exiting with 75" in out
+
+
+@pytest.mark.slow
+def test_images_and_videos_mixed_at_random_positions(shards, tmp_path):
+    kinds = {}
+    for seed in (0, 1):
+        run = tmp_path / f"seed{seed}"
+        train(*train_args(run, shards, "train.max_steps=12", "train.save_every=100", "data.image_ratio=0.35",
+                          f"data.seed={seed}"))
+        order = [json.loads(line) for line in (run / "sample_order.jsonl").read_text().splitlines()]
+        kinds[seed] = [o["kind"] for o in order]
+        for o in order:  # each batch lies in one bucket: all images or all videos
+            assert all(k.startswith("i" if o["kind"] == "image" else "v") for k in o["keys"])
+    for seq in kinds.values():
+        assert 0 < seq.count("image") < len(seq)
+    assert kinds[0] != kinds[1]  # positions come from the seeded shuffle, not from fixed slots
+
+
+@pytest.mark.slow
+def test_three_stages_chain_weights(tmp_path):
+    lq = make_shards(tmp_path / "lq", n_video=8, size=(4, 4))
+    hq = make_shards(tmp_path / "hq", n_video=8, size=(8, 8), seed=1)
+    base = ["--config", "model/tiny", "--config"]
+    common = ["train.max_steps=3", "train.micro_batch_size=2", "train.precision=fp32", "parallel.backend=gloo",
+              "data.num_frames=9"]
+    train(*base, "stages/lq_pretrain", f"train.run_dir={tmp_path / 'lq_run'}", f"data.shards=[{lq}]", *common,
+          "data.height=32", "data.width=32", "train.warmup_steps=1", "data.image_ratio=null")
+    # Stage 2 at a negligible learning rate: its result must be stage 1's weights, proving it started there.
+    train(*base, "stages/hq_finetune", f"train.run_dir={tmp_path / 'hq_run'}", f"data.shards=[{hq}]", *common,
+          f"train.init_from={tmp_path / 'lq_run'}", "train.lr=1e-12", "train.warmup_steps=1", "data.image_ratio=null",
+          "data.height=64", "data.width=64")
+    train(*base, "stages/caption_finetune", f"train.run_dir={tmp_path / 'cap_run'}", f"data.shards=[{hq}]", *common,
+          f"train.init_from={tmp_path / 'hq_run'}", "train.warmup_steps=1", "data.image_ratio=null", "train.lr=1e-3",
+          "data.height=64", "data.width=64")
+    w1, w2, w3 = (LazySafetensors(tmp_path / r / "final_model") for r in ("lq_run", "hq_run", "cap_run"))
+    assert max((w2[k] - w1[k]).abs().max().item() for k in w1) < 1e-6
+    assert max((w3[k] - w2[k]).abs().max().item() for k in w1) > 1e-4
+    for r, stage in (("lq_run", "lq_pretrain"), ("hq_run", "hq_finetune"), ("cap_run", "caption_finetune")):
+        assert f"stage: {stage}" in (tmp_path / r / "config.yaml").read_text()
+
+
+def test_explicit_uniform_sampling_per_rank_and_global():
+    T = 1000
+    for dp, micro in ((1, 4), (2, 2), (3, 5), (8, 1), (7, 3)):
+        g = dp * micro
+        for rank in range(dp):
+            lo_r, hi_r = explicit_uniform_interval(rank, dp, T)
+            for j in range(rank * micro, (rank + 1) * micro):  # the rank's contiguous block of the global batch
+                lo, hi = explicit_uniform_interval(j, g, T)
+                assert lo_r <= lo and hi <= hi_r
+        widths = [explicit_uniform_interval(j, g, T)[1] - explicit_uniform_interval(j, g, T)[0] for j in range(g)]
+        assert sum(widths) == T and max(widths) - min(widths) <= 1
+
+
+@pytest.mark.slow
+def test_nonfinite_losses_skip_then_abort(shards, tmp_path):
+    env = dict(ENV, COGVX_FAULT_NAN_STEPS="2")
+    train(*train_args(tmp_path / "a", shards), env=env)
+    m = read_metrics(tmp_path / "a")
+    assert [x["nonfinite_skipped"] for x in m] == [0, 1, 1, 1]
+    env = dict(ENV, COGVX_FAULT_NAN_STEPS="2,3")
+    proc = train(*train_args(tmp_path / "b", shards, "train.max_consecutive_nonfinite=2"), env=env, check=False)
+    assert proc.returncode != 0
+    assert "2 non-finite losses in a row" in proc.stderr and "step 3, rank 0" in proc.stderr and "bucket" in proc.stderr
+
+
+def test_bad_config_and_missing_shards_fail_before_training(shards, tmp_path):
+    proc = train(*train_args(tmp_path, shards, "model.attention_head_dim=24"), check=False)
+    assert proc.returncode == 2 and "model.attention_head_dim = 24" in proc.stderr
+    proc = train(*train_args(tmp_path, shards, "train.lr=-1"), check=False)
+    assert proc.returncode == 2 and "train.lr" in proc.stderr
+    proc = train(*train_args(tmp_path, tmp_path / "nowhere"), check=False)
+    assert proc.returncode == 2 and "shard files not found" in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_corrupt_shard_is_skipped_and_counted(tmp_path):
+    data = make_shards(tmp_path / "d", n_video=16)
+    shard = sorted(data.glob("*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[:3000])  # truncated mid-member
+    proc = train(*train_args(tmp_path / "run", data, "train.max_steps=2"))
+    m = read_metrics(tmp_path / "run")
+    assert m[-1]["bad_shards"] == 1 and "skipping shard" in proc.stderr and shard.name in proc.stderr
+    keys = {k for line in (tmp_path / "run" / "sample_order.jsonl").read_text().splitlines()
+            for k in json.loads(line)["keys"]}
+    assert keys and all(int(k[1:]) >= 8 for k in keys)  # only the intact shard's samples
+
+
+def test_help_explains():
+    out = subprocess.run([sys.executable, "-m", "cogvx_ds.train", "--help"], capture_output=True, text=True).stdout
+    assert "--config" in out and "SIGTERM" in out and "run dir" in out.lower()
+    assert torch.__version__
