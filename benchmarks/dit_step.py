@@ -70,11 +70,11 @@ def main(argv=None) -> int:
         text = torch.randn(args.batch, args.text_len, 512, dtype=dtype)
         t = torch.full((args.batch,), 500.0)
 
-        def step_ours():
+        def step_ours(x=x, text=text, t=t):
             ours.zero_grad(set_to_none=True)
             ours(x, text, t).float().square().mean().backward()
 
-        def step_ref():
+        def step_ref(x=x, text=text, t=t):
             ref.zero_grad(set_to_none=True)
             ref(x, text, t, image_rotary_emb=rope, return_dict=False)[0].float().square().mean().backward()
 

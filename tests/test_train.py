@@ -176,3 +176,18 @@ def test_help_explains():
     out = subprocess.run([sys.executable, "-m", "cogvx_ds.train", "--help"], capture_output=True, text=True).stdout
     assert "--config" in out and "SIGTERM" in out and "run dir" in out.lower()
     assert torch.__version__
+
+
+@pytest.mark.slow
+def test_shipped_deepspeed_configs_train_the_same(shards, tmp_path):
+    losses = {}
+    for name, stage in (("zero3_bf16", 3), ("zero3_offload", 3), ("zero2", 2), ("cpu", 3)):
+        run = tmp_path / name
+        train(*train_args(run, shards, "train.max_steps=2", f"train.ds_config=ds_configs/{name}.json",
+                          f"train.zero_stage={stage}"))
+        losses[name] = [m["loss"] for m in read_metrics(run)]
+    ref = losses.pop("cpu")
+    for name, got in losses.items():  # fp32 (train.precision from the config): only summation order differs
+        assert got == pytest.approx(ref, rel=1e-6), name
+    proc = train(*train_args(tmp_path / "x", shards, "train.ds_config=ds_configs/zero2.json"), check=False)
+    assert proc.returncode != 0 and "sets ZeRO stage 2 but train.zero_stage = 3" in proc.stderr

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
 
     try:
         trainer = Trainer(cfg)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return trainer.run()

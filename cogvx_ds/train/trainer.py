@@ -39,14 +39,25 @@ LOSS_BUCKETS = 10
 def build_ds_config(cfg: Config) -> dict:
     t = cfg.train
     if t.ds_config:
-        ds = json.loads(Path(t.ds_config).read_text())
+        path = Path(t.ds_config)
+        if not path.is_file():
+            raise FileNotFoundError(f"train.ds_config: {path} does not exist")
+        try:
+            ds = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"train.ds_config: {path} is not valid JSON: {e}") from e
+        stage = ds.get("zero_optimization", {}).get("stage", t.zero_stage)
+        if stage != t.zero_stage:
+            raise ValueError(f"train.ds_config {path} sets ZeRO stage {stage} but train.zero_stage = {t.zero_stage}; "
+                             f"make them agree")
     else:
         ds = {"zero_optimization": {"stage": t.zero_stage}}
     ds.update({
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
         "gradient_clipping": t.grad_clip,
-        "zero_allow_untested_optimizer": True,
+        "zero_allow_untested_optimizer": True,  # torch AdamW as the client optimizer (also under offload)
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 500},
@@ -72,71 +83,74 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def build_engine(cfg: Config, ds_config: dict):
+    """The DeepSpeed engine around the transformer (weights from train.init_from or a seeded init)."""
+    import deepspeed
+
+    from cogvx_ds.models import CogVideoXTransformer
+
+    mpu = MegatronMPU()
+    zero3 = ds_config["zero_optimization"]["stage"] == 3
+    # Under ZeRO-3 the model must be built inside zero.Init with the DP x SP group (built outside and
+    # partitioned later, SP silently produced wrong gradients).
+    with deepspeed.zero.Init(data_parallel_group=state.dp_sp_group(), mpu=mpu, config_dict_or_path=ds_config,
+                             enabled=zero3):
+        model = CogVideoXTransformer(cfg.model)
+    init_weights(model, cfg)
+    t = cfg.train
+    # weight decay on matrices only (ZeRO-3 params are empty placeholders: use their full shape)
+    decay = [p for p in model.parameters() if len(getattr(p, "ds_shape", p.shape)) >= 2]
+    no_decay = [p for p in model.parameters() if len(getattr(p, "ds_shape", p.shape)) < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=tuple(t.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.lr_schedule))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config, mpu=mpu, dist_init_required=False)
+    return engine, model
+
+
+def init_weights(model, cfg: Config) -> None:
+    src = cfg.train.init_from
+    if not src:
+        model.init_weights(cfg.model.seed)
+        return
+    from cogvx_ds.checkpoint.diffusers_io import LazySafetensors, _model_folder
+    from cogvx_ds.checkpoint.layout import load_full_state_dict
+    from cogvx_ds.checkpoint.sat import read_sat_file, sat_to_diffusers
+
+    path = Path(src)
+    if (path / "final_model" / "config.json").is_file():
+        path = path / "final_model"  # a previous stage's run dir
+    if path.suffix == ".pt" or (path.is_dir() and any(path.rglob("mp_rank_00_model_states.pt"))):
+        source, name = sat_to_diffusers(read_sat_file(path)), f"SAT checkpoint {path}"
+    else:
+        folder = _model_folder(path)
+        source, name = LazySafetensors(folder), str(folder)
+    load_full_state_dict(model, source, source_name=name)
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.shards = resolve_shards(cfg.data.shards)  # a missing shard fails here, before any process group
+        # Input errors fail here, before any process group starts.
+        self.shards = resolve_shards(cfg.data.shards)
+        self.ds_config = build_ds_config(cfg)
         init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.sequence_parallel, cfg.parallel.backend,
                          cfg.parallel.timeout_minutes)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
         self.schedule = NoiseSchedule.from_config(cfg.diffusion)
-        self.ds_config = build_ds_config(cfg)
-        self.engine, self.model = self._build_engine()
+        self.engine, self.model = build_engine(cfg, self.ds_config)
         self.global_batch = state.dp_size() * cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps
         self.plan = GlobalPlan(self.shards, self.global_batch, cfg.data.seed, cfg.data.image_ratio)
         self.stop_signal = None
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.empty_text = None
-
-    # ---------------------------------------------------------------------------------------------- setup
-    def _build_engine(self):
-        import deepspeed
-
-        from cogvx_ds.models import CogVideoXTransformer
-
-        mpu = MegatronMPU()
-        zero3 = self.ds_config["zero_optimization"]["stage"] == 3
-        # Under ZeRO-3 the model must be built inside zero.Init with the DP x SP group (built outside and
-        # partitioned later, SP silently produced wrong gradients).
-        with deepspeed.zero.Init(data_parallel_group=state.dp_sp_group(), mpu=mpu, config_dict_or_path=self.ds_config,
-                                 enabled=zero3):
-            model = CogVideoXTransformer(self.cfg.model)
-        self._init_weights(model)
-        # weight decay on matrices only (ZeRO-3 params are empty placeholders: use their full shape)
-        decay = [p for p in model.parameters() if len(getattr(p, "ds_shape", p.shape)) >= 2]
-        no_decay = [p for p in model.parameters() if len(getattr(p, "ds_shape", p.shape)) < 2]
-        t = self.cfg.train
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=tuple(t.betas))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.lr_schedule))
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=self.ds_config, mpu=mpu, dist_init_required=False)
-        return engine, model
-
-    def _init_weights(self, model) -> None:
-        src = self.cfg.train.init_from
-        if not src:
-            model.init_weights(self.cfg.model.seed)
-            return
-        from cogvx_ds.checkpoint.diffusers_io import LazySafetensors, _model_folder
-        from cogvx_ds.checkpoint.layout import load_full_state_dict
-        from cogvx_ds.checkpoint.sat import read_sat_file, sat_to_diffusers
-
-        path = Path(src)
-        if (path / "final_model" / "config.json").is_file():
-            path = path / "final_model"  # a previous stage's run dir
-        if path.suffix == ".pt" or (path.is_dir() and any(path.rglob("mp_rank_00_model_states.pt"))):
-            source, name = sat_to_diffusers(read_sat_file(path)), f"SAT checkpoint {path}"
-        else:
-            folder = _model_folder(path)
-            source, name = LazySafetensors(folder), str(folder)
-        load_full_state_dict(model, source, source_name=name)
 
     # ---------------------------------------------------------------------------------------------- one step
     def _draws(self, step: int, first_index: int, latent_shape: tuple, b: int):

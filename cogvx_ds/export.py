@@ -1,0 +1,114 @@
+"""python -m cogvx_ds.export: a training run -> a diffusers CogVideoXPipeline folder.
+
+Writes transformer/ (ZeRO-3 partitions gathered, TP shards merged), vae/, text_encoder/ + tokenizer/ (copied),
+scheduler/ (CogVideoXDDIMScheduler config of the training schedule) and model_index.json, so that
+`diffusers.CogVideoXPipeline.from_pretrained(out)` loads it. The transformer comes from the run's final_model/
+when it exists and --checkpoint is not given (no processes needed); otherwise from a DeepSpeed checkpoint, which
+must be read with the training layout: launch with the same torchrun world size, TP and SP as training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from cogvx_ds.config import DiffusionConfig, load_config
+
+PIPELINE_CLASS = "CogVideoXPipeline"
+
+
+def scheduler_config(d: DiffusionConfig) -> dict:
+    return {"_class_name": "CogVideoXDDIMScheduler", "_diffusers_version": "0.32.0",
+            "num_train_timesteps": d.num_train_timesteps, "beta_start": d.beta_start, "beta_end": d.beta_end,
+            "beta_schedule": d.beta_schedule, "snr_shift_scale": d.snr_shift_scale,
+            "rescale_betas_zero_snr": d.rescale_zero_terminal_snr, "prediction_type": d.prediction_type,
+            "clip_sample": False, "set_alpha_to_one": True, "steps_offset": 0, "timestep_spacing": "trailing"}
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+
+
+def write_pipeline_parts(out: Path, diffusion: DiffusionConfig, vae: Path, text_encoder: Path) -> None:
+    """Everything but the transformer: VAE, text encoder + tokenizer, scheduler, model_index.json."""
+    from cogvx_ds.models.vae import CogVideoXVAE
+
+    out.mkdir(parents=True, exist_ok=True)
+    CogVideoXVAE.from_diffusers(vae).save_diffusers(out / "vae")
+    te_root = text_encoder if not (text_encoder / "text_encoder").is_dir() else text_encoder / "text_encoder"
+    tok_root = te_root if (te_root / "tokenizer_config.json").is_file() else text_encoder / "tokenizer"
+    if not (tok_root / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"{text_encoder}: no tokenizer_config.json (next to the model or in tokenizer/)")
+    _copy_tree(te_root, out / "text_encoder")
+    _copy_tree(tok_root, out / "tokenizer")
+    te_class = json.loads((out / "text_encoder" / "config.json").read_text()).get("architectures", ["T5EncoderModel"])[0]
+    tok_class = json.loads((out / "tokenizer" / "tokenizer_config.json").read_text()).get("tokenizer_class",
+                                                                                          "T5Tokenizer")
+    (out / "scheduler").mkdir(exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(diffusion), indent=2))
+    index = {"_class_name": PIPELINE_CLASS, "_diffusers_version": "0.32.0",
+             "scheduler": ["diffusers", "CogVideoXDDIMScheduler"], "text_encoder": ["transformers", te_class],
+             "tokenizer": ["transformers", tok_class], "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
+             "vae": ["diffusers", "AutoencoderKLCogVideoX"]}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def export_transformer_from_checkpoint(run_dir: Path, out: Path, tag: str) -> None:
+    """Load a DeepSpeed checkpoint with the training layout and write the gathered transformer (all ranks)."""
+    import os
+
+    import torch.distributed as dist
+
+    from cogvx_ds.train.__main__ import _single_process_env
+    from cogvx_ds.train.trainer import build_ds_config, build_engine
+
+    cfg = load_config(run_dir / "config.yaml", ["train.init_from=null"])
+    _single_process_env()
+    from cogvx_ds.parallel import init_distributed
+
+    init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.sequence_parallel, cfg.parallel.backend)
+    engine, model = build_engine(cfg, build_ds_config(cfg))
+    ckpt = run_dir / "checkpoints"
+    tag = (ckpt / "latest").read_text().strip() if tag == "latest" else tag
+    engine.load_checkpoint(str(ckpt), tag=tag, load_optimizer_states=False, load_lr_scheduler_states=False)
+    model.save_diffusers(out / "transformer")
+    if dist.get_rank() == 0:
+        print(f"exported {ckpt / tag} (world {os.environ.get('WORLD_SIZE')}) to {out / 'transformer'}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cogvx_ds.export", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run-dir", required=True, help="a training run dir (config.yaml, final_model/, checkpoints/)")
+    ap.add_argument("--out", required=True, help="output pipeline folder")
+    ap.add_argument("--vae", required=True, help="diffusers-format VAE folder the latents were encoded with")
+    ap.add_argument("--text-encoder", required=True, help="text encoder folder (with its tokenizer)")
+    ap.add_argument("--checkpoint", help="'latest' or a tag like step00001000: export that DeepSpeed checkpoint "
+                                         "instead of final_model/ (launch with the training layout)")
+    args = ap.parse_args(argv)
+    run, out = Path(args.run_dir), Path(args.out)
+    if not (run / "config.yaml").is_file():
+        ap.error(f"{run} is not a training run dir (no config.yaml)")
+    cfg = load_config(run / "config.yaml")
+    if args.checkpoint:
+        export_transformer_from_checkpoint(run, out, args.checkpoint)
+        import torch.distributed as dist
+
+        if dist.get_rank() != 0:
+            return 0
+    else:
+        if not (run / "final_model" / "config.json").is_file():
+            ap.error(f"{run} has no final_model/ yet; pass --checkpoint latest to export its last checkpoint")
+        _copy_tree(run / "final_model", out / "transformer")
+    write_pipeline_parts(out, cfg.diffusion, Path(args.vae), Path(args.text_encoder))
+    print(f"wrote {out} ({PIPELINE_CLASS}: transformer, vae, text_encoder, tokenizer, scheduler)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

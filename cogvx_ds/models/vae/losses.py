@@ -1,0 +1,70 @@
+"""VAE training losses: reconstruction (L1/L2), LPIPS, KL, hinge GAN with a start step and an adaptive weight.
+
+The adaptive GAN weight balances the gradient norms of the reconstruction (+perceptual) loss and of the
+generator loss. Taming-transformers measures them at the decoder's last weight with torch.autograd.grad; under
+DeepSpeed ZeRO-2 that call fires the engine's gradient-reduction hooks (they hook every gradient computed for a
+parameter), so we measure them at the decoder output instead: both losses are evaluated on a detached copy of
+the reconstruction, their gradients w.r.t. that copy give the weight, and the VAE is then backpropagated with
+the combined output gradient (`surrogate`), which yields exactly the gradients of nll + w * g_loss + kl.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .lpips import LPIPS, lpips_on_frames
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def reconstruction_loss(x: torch.Tensor, recon: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "l1":
+        return (x - recon).abs().mean()
+    if kind == "l2":
+        return (x - recon).pow(2).mean()
+    raise ValueError(f"reconstruction loss must be 'l1' or 'l2', got {kind!r}")
+
+
+@dataclass
+class GeneratorLossWeights:
+    recon: str = "l1"
+    lpips_weight: float = 1.0
+    lpips_frames: int | None = 2
+    kl_weight: float = 1e-6
+    disc_weight: float = 0.5
+    disc_start: int = 0
+    max_adaptive_weight: float = 1e4
+
+
+def generator_step_terms(x: torch.Tensor, recon: torch.Tensor, kl: torch.Tensor, disc, lpips: LPIPS | None,
+                         w: GeneratorLossWeights, step: int, generator: torch.Generator | None = None):
+    """Returns (surrogate to backpropagate into the VAE, metrics dict of float values).
+
+    `disc` must be frozen (requires_grad False) by the caller: its parameters belong to another optimizer.
+    """
+    out = recon.detach().requires_grad_(True)
+    rec = reconstruction_loss(x, out, w.recon)
+    perc = lpips_on_frames(lpips, x, out, w.lpips_frames, generator) if lpips is not None and w.lpips_weight else None
+    nll = rec + (w.lpips_weight * perc if perc is not None else 0.0)
+    (grad_nll,) = torch.autograd.grad(nll, out)
+    metrics = {"rec_loss": rec.item(), "lpips": perc.item() if perc is not None else 0.0, "kl": kl.item()}
+    grad = grad_nll
+    gan_on = disc is not None and step >= w.disc_start and w.disc_weight > 0
+    if gan_on:
+        g_loss = -disc(out).mean()
+        (grad_g,) = torch.autograd.grad(g_loss, out)
+        d_weight = (grad_nll.norm() / (grad_g.norm() + 1e-4)).clamp(0.0, w.max_adaptive_weight) * w.disc_weight
+        grad = grad_nll + d_weight * grad_g
+        metrics.update(g_loss=g_loss.item(), d_weight=d_weight.item())
+        total = nll.detach() + d_weight * g_loss.detach()
+    else:
+        metrics.update(g_loss=0.0, d_weight=0.0)
+        total = nll.detach()
+    metrics["loss"] = (total + w.kl_weight * kl.detach()).item()
+    surrogate = (recon * grad.detach()).sum() + w.kl_weight * kl
+    return surrogate, metrics

@@ -1,0 +1,144 @@
+"""python -m cogvx_ds.sample: prompts -> mp4 videos with a trained (or released) CogVideoX-style model.
+
+The model is a diffusers-format transformer folder, a training run dir (its final_model/), or a diffusers
+pipeline folder (transformer/, vae/, text_encoder/, tokenizer/). Sampling is DDIM or DPM-Solver++ for
+v-prediction on the zero-terminal-SNR schedule with trailing timesteps, classifier-free guidance against the
+empty caption (optionally CogVideoX's dynamic guidance ramp), one seed per prompt, and a chunked VAE decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _resolve(model: Path, sub: str, given: str | None) -> Path | None:
+    if given:
+        return Path(given)
+    if (model / sub).is_dir():
+        return model / sub
+    return None
+
+
+def load_components(model: str, vae: str | None = None, text_encoder: str | None = None,
+                    dtype: torch.dtype = torch.float32):
+    from cogvx_ds.models import CogVideoXTransformer, CogVideoXVAE
+    from cogvx_ds.models.text_encoder import TextEncoder
+
+    root = Path(model)
+    if (root / "final_model" / "config.json").is_file():
+        root = root / "final_model"
+    dit = CogVideoXTransformer.from_diffusers(root, dtype=dtype).eval()
+    vae_dir, te_dir = _resolve(root, "vae", vae), _resolve(root, "text_encoder", text_encoder)
+    if vae_dir is None or te_dir is None:
+        raise FileNotFoundError(f"{model}: pass --vae and --text-encoder (or use a pipeline folder with vae/ and "
+                                f"text_encoder/)")
+    vae_model = CogVideoXVAE.from_diffusers(vae_dir).eval()
+    encoder = TextEncoder.from_pretrained(te_dir.parent if te_dir.name == "text_encoder" else te_dir,
+                                          max_length=dit.config.max_text_seq_length)
+    return dit, vae_model, encoder
+
+
+@torch.no_grad()
+def generate(dit, vae, encoder, prompts: list[str], *, frames: int, height: int, width: int, steps: int = 50,
+             sampler: str = "ddim", guidance: float = 6.0, dynamic_guidance: bool = False,
+             seeds: list[int] | None = None, latent_scale: float | None = None, schedule=None,
+             progress: bool = True) -> torch.Tensor:
+    """Videos [B, 3, frames, height, width] in [-1, 1] for the prompts."""
+    from tqdm import tqdm
+
+    from cogvx_ds.diffusion import NoiseSchedule, noise_from_seeds, sample
+
+    cfg = dit.config
+    if (frames - 1) % cfg.temporal_compression_ratio or height % 16 or width % 16:
+        raise ValueError(f"frames must be {cfg.temporal_compression_ratio}k+1 and height/width multiples of 16, "
+                         f"got {frames}x{height}x{width}")
+    lat_frames = (frames - 1) // cfg.temporal_compression_ratio + 1
+    if lat_frames > 1 and lat_frames % 2 == 0:
+        # The causal VAE decoder upsamples time only for odd latent counts (1 + 2m): k+1 even would decode to
+        # 4(k+1) frames, not the 4k+1 asked for. CogVideoX itself samples 49 frames = 13 latent frames.
+        raise ValueError(f"--frames {frames} gives {lat_frames} latent frames; use 8m+1 frames (9, 17, 25, ..., 49)")
+    schedule = schedule or NoiseSchedule.cogvideox()
+    scale = latent_scale if latent_scale is not None else vae.scaling_factor
+    seeds = seeds if seeds is not None else list(range(len(prompts)))
+    dtype = dit.proj_out.weight.dtype
+    cond, _ = encoder.encode(prompts)
+    uncond = encoder.empty_embedding()[0].expand_as(cond) if guidance != 1.0 else None
+    shape = (lat_frames, cfg.in_channels, height // 8, width // 8)
+    x_T = noise_from_seeds(shape, seeds)
+    bar = tqdm(total=steps, desc="denoising", disable=not progress)
+
+    def model_fn(x, t):
+        return dit(x, cond.to(dtype), t.float()).float()
+
+    def uncond_fn(x, t):
+        return dit(x, uncond.to(dtype), t.float()).float()
+
+    z = sample(model_fn, x_T.float(), schedule, steps, method=sampler,
+               uncond_fn=uncond_fn if uncond is not None else None, guidance_scale=guidance,
+               dynamic_guidance=dynamic_guidance, callback=lambda *_: bar.update(1))
+    bar.close()
+    z = (z / scale).permute(0, 2, 1, 3, 4)  # [B, C, F, H, W], unscaled latents for the VAE
+    return vae.decode(z.to(vae.dtype)).float().clamp(-1, 1)
+
+
+def to_uint8(video: torch.Tensor):
+    """[3, T, H, W] in [-1, 1] -> numpy uint8 [T, H, W, 3]."""
+    return ((video.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).byte().cpu().numpy()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cogvx_ds.sample", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="transformer folder, training run dir, or pipeline folder")
+    ap.add_argument("--vae", help="diffusers-format VAE folder (default: <model>/vae)")
+    ap.add_argument("--text-encoder", help="text encoder folder (default: <model>/text_encoder)")
+    ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    ap.add_argument("--prompts-file", help="a text file with one prompt per line")
+    ap.add_argument("--out", default="samples", help="output folder for the mp4 files and samples.json")
+    ap.add_argument("--frames", type=int, default=49, help="pixel frames, 4k+1")
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--width", type=int, default=720)
+    ap.add_argument("--steps", type=int, default=50, help="denoising steps")
+    ap.add_argument("--sampler", default="ddim", choices=["ddim", "dpm++", "dpm++ode"])
+    ap.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (1 = off)")
+    ap.add_argument("--dynamic-guidance", action="store_true", help="CogVideoX's cosine ramp of the guidance scale")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed+i")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--fps", type=float, default=8.0)
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    args = ap.parse_args(argv)
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += [p.strip() for p in Path(args.prompts_file).read_text().splitlines() if p.strip()]
+    if not prompts:
+        ap.error("give --prompt or --prompts-file")
+    from data_tools._video_io import write_mp4
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dit, vae, encoder = load_components(args.model, args.vae, args.text_encoder, dtype)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start:start + args.batch_size]
+        seeds = [args.seed + start + i for i in range(len(batch))]
+        videos = generate(dit, vae, encoder, batch, frames=args.frames, height=args.height, width=args.width,
+                          steps=args.steps, sampler=args.sampler, guidance=args.guidance,
+                          dynamic_guidance=args.dynamic_guidance, seeds=seeds)
+        for i, (prompt, video) in enumerate(zip(batch, videos)):
+            path = out / f"{start + i:04d}.mp4"
+            write_mp4(path, to_uint8(video), fps=args.fps)
+            records.append({"path": path.name, "prompt": prompt, "seed": seeds[i]})
+            print(f"{path}: {prompt}")
+    (out / "samples.json").write_text(json.dumps(records, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Reading raw videos and images for latent pre-encoding: buckets, clip planning, decoding, resize + centre crop.
+
+Decoding uses decord (fast random access) and falls back to PyAV whenever decord raises *or* returns frames of
+the wrong shape: decord 0.6.0 silently mis-reads some frame sizes (a 32x48 video comes back with 4 channels and
+`get_batch` then fails), so its output is validated, not trusted.
+
+Everything a bad file can do is turned into `BadInput(reason, detail)`, which the encoder records as a reject.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".gif")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_EPS = 1e-6  # absorbs float error in frame-time arithmetic (e.g. 29.97 fps)
+
+
+class BadInput(Exception):
+    """An input that cannot become a sample. `reason` is a short stable code, `detail` a human explanation."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class Bucket:
+    height: int
+    width: int
+    frames: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.height}x{self.width}x{self.frames}"
+
+
+def parse_buckets(spec: str | Sequence[str], temporal_ratio: int = 4, spatial_ratio: int = 8) -> list[Bucket]:
+    """'480x720x49,256x256x17' (or a list of such strings) -> buckets; frames must be 4k+1, sides multiples of 8."""
+    items = spec.split(",") if isinstance(spec, str) else [s for part in spec for s in str(part).split(",")]
+    buckets = []
+    for item in (s.strip() for s in items if s.strip()):
+        try:
+            h, w, f = (int(x) for x in item.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--buckets: {item!r} is not HEIGHTxWIDTHxFRAMES (e.g. 480x720x49)") from None
+        if h <= 0 or w <= 0 or h % spatial_ratio or w % spatial_ratio:
+            raise ValueError(f"--buckets: {item!r}: height and width must be positive multiples of {spatial_ratio}")
+        if f < 1 or (f - 1) % temporal_ratio:
+            raise ValueError(f"--buckets: {item!r}: frames must be {temporal_ratio}k+1 (1, 5, 9, ..., 49)")
+        buckets.append(Bucket(h, w, f))
+    if not buckets:
+        raise ValueError("--buckets: no bucket given (expected e.g. 480x720x49,256x256x17)")
+    if len(set(buckets)) != len(buckets):
+        raise ValueError(f"--buckets: duplicate entries in {spec!r}")
+    return buckets
+
+
+def choose_bucket(buckets: Sequence[Bucket], height: int, width: int, frames: int, is_image: bool) -> Bucket | None:
+    """The bucket closest in aspect ratio among those the input can fill; ties go to more frames, then more pixels.
+
+    Images take 1-frame buckets when some are configured, otherwise the nearest-aspect resolution with 1 frame.
+    Videos take only buckets with 2+ frames they have enough (resampled) frames for; None when none fits.
+    """
+    def aspect_distance(b: Bucket) -> float:
+        return abs(math.log((width / height) / (b.width / b.height)))
+
+    if is_image:
+        candidates = [b for b in buckets if b.frames == 1] or [Bucket(b.height, b.width, 1) for b in buckets]
+    else:
+        candidates = [b for b in buckets if 1 < b.frames <= frames]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda b: (round(aspect_distance(b), 9), -b.frames, -b.height * b.width))
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    num_frames: int
+    fps: float
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class ClipPlan:
+    bucket: Bucket
+    indices: tuple[int, ...]  # source frame indices, one per output frame
+    fps: float | None  # output frame rate (None for images)
+    start_s: float | None
+    end_s: float | None
+
+
+def plan_clips(info: VideoInfo, buckets: Sequence[Bucket], target_fps: float | None, clips_per_video: int,
+               start_s: float | None = None, end_s: float | None = None) -> list[ClipPlan]:
+    """Resample [start_s, end_s) to target_fps, pick a bucket, and cut evenly spaced non-overlapping clips.
+
+    Output frame j of the range shows source frame first + floor(j * src_fps / fps). clips_per_video=0 takes as
+    many clips as fit. Raises BadInput when the range is empty or too short for every video bucket.
+    """
+    if info.num_frames < 1 or info.fps <= 0:
+        raise BadInput("unreadable", f"no frames or no frame rate (frames={info.num_frames}, fps={info.fps})")
+    fps = target_fps or info.fps
+    first = math.ceil(start_s * info.fps - _EPS) if start_s else 0
+    stop = min(info.num_frames, math.floor(end_s * info.fps + _EPS)) if end_s is not None else info.num_frames
+    if first >= stop:
+        raise BadInput("bad_clip_range", f"clip range [{start_s}, {end_s}) s holds no frame of a "
+                                         f"{info.num_frames}-frame video at {info.fps:g} fps")
+    step = info.fps / fps  # source frames per output frame
+    available = math.floor((stop - first - 1) / step + _EPS) + 1
+    bucket = choose_bucket(buckets, info.height, info.width, available, is_image=False)
+    if bucket is None:
+        need = min((b.frames for b in buckets if b.frames > 1), default=None)
+        raise BadInput("too_few_frames", f"{available} frames at {fps:g} fps ({stop - first} source frames at "
+                                         f"{info.fps:g} fps); the smallest video bucket needs {need}")
+    fit = available // bucket.frames
+    count = fit if clips_per_video <= 0 else min(clips_per_video, fit)
+    starts = [0] if count == 1 else [round(k * (available - bucket.frames) / (count - 1)) for k in range(count)]
+    plans = []
+    for s in starts:
+        idx = tuple(min(stop - 1, first + math.floor((s + j) * step + _EPS)) for j in range(bucket.frames))
+        plans.append(ClipPlan(bucket, idx, fps, idx[0] / info.fps, (idx[-1] + 1) / info.fps))
+    return plans
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise BadInput("not_found", f"{path} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise BadInput("empty_file", f"{path} is 0 bytes")
+
+
+def _decord_read(path: Path, choose: Callable[[VideoInfo], list[ClipPlan]]):
+    import decord
+
+    reader = decord.VideoReader(str(path), num_threads=1)
+    first = reader[0].asnumpy()
+    if first.ndim != 3 or first.shape[2] != 3:
+        raise RuntimeError(f"decord returned a frame of shape {first.shape}")  # known 0.6.0 mis-read
+    info = VideoInfo(len(reader), float(reader.get_avg_fps()), first.shape[0], first.shape[1])
+    if info.num_frames < 1 or not info.fps > 0:
+        raise RuntimeError(f"decord reports {info.num_frames} frames at {info.fps} fps")  # let PyAV try
+    plans = choose(info)
+    wanted = sorted({i for p in plans for i in p.indices})
+    batch = reader.get_batch(wanted).asnumpy()
+    if batch.shape != (len(wanted), info.height, info.width, 3) or batch.dtype != np.uint8:
+        raise RuntimeError(f"decord returned a batch of shape {batch.shape}, expected "
+                           f"{(len(wanted), info.height, info.width, 3)}")
+    return info, plans, dict(zip(wanted, batch))
+
+
+def _pyav_decode(path: Path, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
+    """Frames at `wanted` indices (decoding stops after the last one) and how many frames were decoded."""
+    import av
+
+    frames, count = {}, 0
+    last = max(wanted) if wanted else -1
+    with av.open(str(path)) as container:
+        for count, frame in enumerate(container.decode(video=0), start=1):  # noqa: B007 (count used after loop)
+            if count - 1 in wanted:
+                frames[count - 1] = frame.to_ndarray(format="rgb24")
+            if count - 1 >= last:
+                break
+    return frames, count
+
+
+def _pyav_info(path: Path) -> VideoInfo:
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise RuntimeError("no video stream (truncated, audio-only or not a video)")
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or stream.base_rate or 0)
+        count = stream.frames or sum(1 for p in container.demux(stream) if p.size)  # header, else packets
+        return VideoInfo(count, fps, stream.codec_context.height, stream.codec_context.width)
+
+
+def _pyav_read(path: Path, choose: Callable[[VideoInfo], list[ClipPlan]]):
+    info = _pyav_info(path)
+    plans = choose(info)
+    wanted = {i for p in plans for i in p.indices}
+    frames, decoded = _pyav_decode(path, wanted)
+    if len(frames) < len(wanted):  # the header promised more frames than the file holds (truncated)
+        info = VideoInfo(decoded, info.fps, info.height, info.width)
+        plans = choose(info)
+        wanted = {i for p in plans for i in p.indices}
+        frames, _ = _pyav_decode(path, wanted)
+        if len(frames) < len(wanted):
+            raise BadInput("decode_error", f"{path}: only {decoded} frames could be decoded")
+    return info, plans, frames
+
+
+def read_clips(path: str | Path, choose: Callable[[VideoInfo], list[ClipPlan]], backend: str = "auto"):
+    """Decode the clips `choose(info)` plans: (info, plans, [uint8 [T, H, W, 3] per plan], backend used)."""
+    path = Path(path)
+    _check_file(path)
+    errors = []
+    for name, reader in (("decord", _decord_read), ("pyav", _pyav_read)):
+        if backend not in ("auto", name):
+            continue
+        try:
+            info, plans, frames = reader(path, choose)
+            return info, plans, [np.stack([frames[i] for i in p.indices]) for p in plans], name
+        except BadInput:
+            raise
+        except Exception as e:  # decoder errors of every kind: fall back, then report
+            errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+    raise BadInput("unreadable", f"{path}: " + "; ".join(errors))
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image as uint8 [1, H, W, 3] RGB."""
+    from PIL import Image
+
+    path = Path(path)
+    _check_file(path)
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))[None]
+    except Exception as e:
+        raise BadInput("unreadable", f"{path}: not a readable image: {type(e).__name__}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------------ resize
+def resize_center_crop(frames: np.ndarray | torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> uint8 [T, 3, height, width]: scale to cover the target (keeping the aspect ratio,
+    antialiased bilinear), then cut the centre. Covering, not padding, so no sample holds black borders."""
+    if isinstance(frames, np.ndarray) and not frames.flags.writeable:
+        frames = frames.copy()  # decoders may hand out read-only buffers; torch wants writable memory
+    x = torch.as_tensor(frames).permute(0, 3, 1, 2)
+    h, w = x.shape[-2:]
+    scale = max(height / h, width / w)
+    size = (max(height, round(h * scale)), max(width, round(w * scale)))
+    if size != (h, w):
+        x = F.interpolate(x.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+        x = x.round().clamp(0, 255).to(torch.uint8)
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    return x[:, :, top:top + height, left:left + width].contiguous()
