@@ -40,6 +40,13 @@ def init_distributed(tensor_parallel: int = 1, sequence_parallel: int = 1, backe
     # process group started above.
     import deepspeed
 
+    if backend == "gloo":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel (C++, about a minute, needs a
+        # compiler) at start-up, for inference all-reduces we never call; plain gloo collectives do everything.
+        import importlib
+
+        # (attribute access would find deepspeed.comm's `torch` import, not the submodule)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     world = dist.get_world_size()
     if world % (tensor_parallel * sequence_parallel) != 0:
