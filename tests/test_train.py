@@ -83,6 +83,21 @@ def test_sigterm_writes_checkpoint_and_exits_for_requeue(shards, tmp_path):
     st = json.loads((tmp_path / "checkpoints" / f"step{last:08d}" / "trainer_state.json").read_text())
     assert st["step"] == last and st["data_position"] == last
     assert "exiting with 75" in out
+    assert json.loads((tmp_path / "REQUEUE").read_text())["step"] == last  # what launch/*.sbatch requeues on
+
+
+@pytest.mark.slow
+def test_stop_file_from_the_launcher_stops_like_a_signal(shards, tmp_path):
+    proc = start(*train_args(tmp_path, shards, "train.max_steps=1000", "train.save_every=1000"))
+    wait_for(lambda: (tmp_path / "metrics.jsonl").is_file() and len(read_metrics(tmp_path)) >= 1, proc)
+    (tmp_path / "STOP").touch()  # launch/_train_common.sh does this on slurm's SIGUSR1
+    proc.communicate(timeout=120)
+    assert proc.returncode == REQUEUE_EXIT_CODE
+    last = read_metrics(tmp_path)[-1]["step"]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == f"step{last:08d}"
+    train(*train_args(tmp_path, shards, f"train.max_steps={last + 1}"))  # the requeued job resumes
+    assert not (tmp_path / "STOP").exists() and not (tmp_path / "REQUEUE").exists()
+    assert read_metrics(tmp_path)[-1]["step"] == last + 1
 
 
 @pytest.mark.slow

@@ -32,7 +32,8 @@ from cogvx_ds.parallel import MegatronMPU, init_distributed, state
 
 warnings.filterwarnings("ignore", message=r".*torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor).*")
 
-REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, checkpoint written, requeue me" (launch/*.sbatch checks it)
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, checkpoint written, requeue me"
+STOP_FILE, REQUEUE_FILE = "STOP", "REQUEUE"  # run-dir markers shared with launch/_train_common.sh
 LOSS_BUCKETS = 10
 
 
@@ -227,6 +228,9 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+            for marker in (STOP_FILE, REQUEUE_FILE):  # left by the previous (preempted) job of this run
+                (self.run_dir / marker).unlink(missing_ok=True)
+        dist.barrier()
         from cogvx_ds.train.metrics import MetricsLogger
 
         logger = MetricsLogger(self.run_dir, enabled=self.is_main, resume_step=start_step)
@@ -287,6 +291,7 @@ class Trainer:
                 if stop:
                     logger.close()
                     if self.is_main:
+                        _atomic_write(self.run_dir / REQUEUE_FILE, json.dumps({"step": step, "signal": self.stop_signal}))
                         print(f"received {self.stop_signal}: checkpoint at step {step} written; exiting with "
                               f"{REQUEUE_EXIT_CODE} for requeue", flush=True)
                     return REQUEUE_EXIT_CODE
@@ -347,6 +352,8 @@ class Trainer:
             signal.signal(sig, handler)
 
     def _agreed_stop(self) -> bool:
+        if self.is_main and not self.stop_signal and (self.run_dir / STOP_FILE).exists():
+            self.stop_signal = f"{STOP_FILE} file"  # written by launch/*.sbatch when slurm signals preemption
         flag = torch.tensor([1.0 if self.stop_signal else 0.0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # all ranks stop at the same step
         if flag.item() and not self.stop_signal:

@@ -1,0 +1,83 @@
+# Shared body of the training sbatch scripts (sourced; STAGE_CONFIG is set by the caller).
+#
+# Environment overrides (all optional except DATA):
+#   DATA            latent shard folder(s) / index.json / globs, comma-separated        (required)
+#   MODEL           model config (model/2b, model/5b, model/tiny or a YAML path)        [model/5b]
+#   RUN_DIR         run dir; resumes automatically from its checkpoints/latest          [runs/<stage>]
+#   NODES           nodes                                                               [$SLURM_JOB_NUM_NODES]
+#   GPUS_PER_NODE   processes per node                                                  [$SLURM_GPUS_ON_NODE or 8]
+#   LAUNCHER        torchrun (srun starts one torchrun per node, c10d rendezvous),
+#                   srun (one task per GPU), or deepspeed (generated hostfile)          [torchrun]
+#   EXTRA_ARGS      more key=value overrides, e.g. "parallel.sequence_parallel=2 train.lr=5e-5"
+#   PYTHON          python interpreter                                                  [python]
+#   MASTER_PORT     rendezvous port                                                     [derived from the job id]
+# Preemption: slurm sends SIGUSR1 to this script (--signal=B:USR1@300); the trap asks the trainer (via the
+# run dir's STOP file) to checkpoint and stop at the end of its current step; when it leaves REQUEUE behind,
+# the job is requeued with scontrol and resumes from the checkpoint.
+set -uo pipefail
+
+REPO=${REPO:-${SLURM_SUBMIT_DIR:-$(pwd)}}
+cd "$REPO" || exit 1
+: "${STAGE_CONFIG:?the sbatch script must set STAGE_CONFIG}"
+: "${DATA:?set DATA to the latent shard folder(s), e.g. DATA=/data/latents/lq}"
+MODEL=${MODEL:-model/5b}
+STAGE=$(basename "$STAGE_CONFIG" .yaml)
+RUN_DIR=${RUN_DIR:-runs/$STAGE}
+NODES=${NODES:-${SLURM_JOB_NUM_NODES:-1}}
+GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
+LAUNCHER=${LAUNCHER:-torchrun}
+PYTHON=${PYTHON:-python}
+JOB_ID=${SLURM_JOB_ID:-$$}
+MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n 1)
+MASTER_PORT=${MASTER_PORT:-$((20000 + JOB_ID % 20000))}
+WORLD=$((NODES * GPUS_PER_NODE))
+export MASTER_ADDR MASTER_PORT OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+mkdir -p "$RUN_DIR" logs
+
+read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
+TRAIN_ARGS=(--config "$MODEL" --config "$STAGE_CONFIG" "train.run_dir=$RUN_DIR" "data.shards=[$DATA]" "${EXTRA[@]}")
+echo "[$(date -Is)] job $JOB_ID stage $STAGE: $NODES node(s) x $GPUS_PER_NODE = $WORLD processes, launcher $LAUNCHER," \
+     "rendezvous $MASTER_ADDR:$MASTER_PORT, run dir $RUN_DIR"
+
+# A bad config fails here, before any GPU process starts.
+if ! WORLD_SIZE=$WORLD "$PYTHON" -m cogvx_ds.train "${TRAIN_ARGS[@]}" --print-config > "$RUN_DIR/resolved_config.yaml"; then
+    echo "config check failed (see above); nothing was launched" >&2
+    exit 2
+fi
+
+trap 'echo "[$(date -Is)] preemption signal: asking the trainer to checkpoint and stop"; touch "$RUN_DIR/STOP"' USR1
+
+case "$LAUNCHER" in
+  torchrun)
+    srun --ntasks-per-node=1 --kill-on-bad-exit=1 "$PYTHON" -m torch.distributed.run --nnodes="$NODES" \
+        --nproc_per_node="$GPUS_PER_NODE" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" \
+        --rdzv_id="$JOB_ID" -m cogvx_ds.train "${TRAIN_ARGS[@]}" &
+    ;;
+  srun)  # one task per GPU; cogvx_ds reads RANK/WORLD_SIZE/LOCAL_RANK from SLURM_PROCID/NTASKS/LOCALID
+    srun --ntasks-per-node="$GPUS_PER_NODE" --kill-on-bad-exit=1 "$PYTHON" -m cogvx_ds.train "${TRAIN_ARGS[@]}" &
+    ;;
+  deepspeed)
+    scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | sed "s/\$/ slots=$GPUS_PER_NODE/" > "$RUN_DIR/hostfile"
+    deepspeed --hostfile "$RUN_DIR/hostfile" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+        --module cogvx_ds.train "${TRAIN_ARGS[@]}" &
+    ;;
+  *)
+    echo "LAUNCHER must be torchrun, srun or deepspeed, got '$LAUNCHER'" >&2
+    exit 2
+    ;;
+esac
+PID=$!
+# `wait` returns early when a trapped signal arrives; keep waiting until the launcher itself has exited.
+while true; do
+    wait "$PID"
+    RC=$?
+    kill -0 "$PID" 2>/dev/null || break
+done
+
+if [ -f "$RUN_DIR/REQUEUE" ]; then
+    echo "[$(date -Is)] checkpoint written ($(cat "$RUN_DIR/REQUEUE")); requeueing job $JOB_ID"
+    scontrol requeue "$JOB_ID"
+    exit 0
+fi
+echo "[$(date -Is)] launcher exited with $RC"
+exit "$RC"

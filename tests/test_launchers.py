@@ -1,0 +1,137 @@
+"""slurm launchers: syntax, and real runs of each script with stand-in srun / scontrol / deepspeed / torchrun
+that record their arguments (the config check before launch uses the real cogvx_ds)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((ROOT / "launch").glob("*.sh")) + sorted((ROOT / "launch").glob("*.sbatch"))
+
+STUB_SRUN = r"""#!/usr/bin/env bash
+echo "srun $*" >> "$STUB_LOG"
+run_dir=""
+for a in "$@"; do case "$a" in train.run_dir=*) run_dir=${a#train.run_dir=};; esac; done
+if [ -n "${STUB_WAIT_STOP:-}" ]; then   # behave like a trainer that checkpoints when asked to stop
+    for _ in $(seq 200); do
+        if [ -f "$run_dir/STOP" ]; then echo '{"step": 7}' > "$run_dir/REQUEUE"; exit 75; fi
+        sleep 0.05
+    done
+    exit 1
+fi
+exit "${STUB_RC:-0}"
+"""
+STUB_SCONTROL = r"""#!/usr/bin/env bash
+echo "scontrol $*" >> "$STUB_LOG"
+if [ "$1 $2" = "show hostnames" ]; then printf 'node001\nnode002\n'; fi
+"""
+STUB_LOGGER = r"""#!/usr/bin/env bash
+echo "$(basename "$0") $*" >> "$STUB_LOG"
+"""
+STUB_PYTHON = r"""#!/usr/bin/env bash
+if [ "$1 $2" = "-m torch.distributed.run" ]; then echo "python $*" >> "$STUB_LOG"; exit 0; fi
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+@pytest.fixture
+def env(tmp_path):
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name, text in (("srun", STUB_SRUN), ("scontrol", STUB_SCONTROL), ("deepspeed", STUB_LOGGER),
+                       ("python", STUB_PYTHON)):
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
+    (tmp_path / "data").mkdir()
+    return dict(os.environ, PATH=f"{stubs}{os.pathsep}{os.environ['PATH']}", STUB_LOG=str(tmp_path / "log"),
+                REAL_PYTHON=sys.executable, PYTHON=str(stubs / "python"), REPO=str(ROOT), SLURM_JOB_ID="4242",
+                SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="node[001-002]", GPUS_PER_NODE="4", MODEL="model/tiny",
+                DATA=str(tmp_path / "data"), RUN_DIR=str(tmp_path / "run"), SLURM_SUBMIT_DIR=str(ROOT))
+
+
+def log(env) -> list[str]:
+    path = Path(env["STUB_LOG"])
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[s.name for s in SCRIPTS])
+def test_bash_syntax(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def _sbatch(script, env, **extra):
+    return subprocess.run(["bash", str(ROOT / "launch" / script)], env=dict(env, **extra), capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+
+
+def test_torchrun_launch_counts_rendezvous_and_config(env):
+    proc = _sbatch("train_lq.sbatch", env)
+    assert proc.returncode == 0, proc.stderr
+    (line,) = [x for x in log(env) if x.startswith("srun")]
+    assert "--ntasks-per-node=1" in line and "-m torch.distributed.run --nnodes=2 --nproc_per_node=4" in line
+    assert "--rdzv_backend=c10d --rdzv_endpoint=node001:24242 --rdzv_id=4242 -m cogvx_ds.train" in line
+    assert f"--config model/tiny --config stages/lq_pretrain train.run_dir={env['RUN_DIR']}" in line
+    assert f"data.shards=[{env['DATA']}]" in line
+    assert "stage: lq_pretrain" in (Path(env["RUN_DIR"]) / "resolved_config.yaml").read_text()
+
+
+def test_srun_and_deepspeed_launchers(env):
+    assert _sbatch("train_hq.sbatch", env, LAUNCHER="srun", EXTRA_ARGS="train.lr=5e-5").returncode == 0
+    (line,) = [x for x in log(env) if x.startswith("srun")]
+    assert "srun --ntasks-per-node=4 --kill-on-bad-exit=1" in line and "stages/hq_finetune" in line
+    assert line.endswith("train.lr=5e-5")
+    assert _sbatch("train_caption.sbatch", env, LAUNCHER="deepspeed").returncode == 0
+    (line,) = [x for x in log(env) if x.startswith("deepspeed")]
+    assert "--master_addr node001" in line and "--module cogvx_ds.train" in line and "stages/caption_finetune" in line
+    assert (Path(env["RUN_DIR"]) / "hostfile").read_text() == "node001 slots=4\nnode002 slots=4\n"
+
+
+def test_preemption_signal_checkpoints_and_requeues(env):
+    proc = subprocess.Popen(["bash", str(ROOT / "launch" / "train_lq.sbatch")], env=dict(env, STUB_WAIT_STOP="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    t0 = time.time()
+    while not any(x.startswith("srun") for x in log(env)):
+        assert time.time() - t0 < 90 and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)  # what slurm's --signal=B:USR1@300 does before the time limit
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "scontrol requeue 4242" in log(env)
+    assert "preemption signal" in out and "requeueing job 4242" in out
+
+
+def test_finished_run_is_not_requeued_and_failures_propagate(env):
+    assert _sbatch("train_lq.sbatch", env, STUB_RC="3").returncode == 3
+    assert not any("requeue" in x for x in log(env))
+
+
+def test_bad_config_launches_nothing(env):
+    proc = _sbatch("train_lq.sbatch", env, EXTRA_ARGS="parallel.tensor_parallel=3")
+    assert proc.returncode == 2
+    assert "parallel.tensor_parallel" in proc.stderr and "nothing was launched" in proc.stderr
+    assert not any(x.startswith("srun") for x in log(env))
+    assert _sbatch("train_lq.sbatch", {k: v for k, v in env.items() if k != "DATA"}).returncode != 0
+
+
+def test_encode_array_job(env, tmp_path):
+    proc = _sbatch("encode_array.sbatch", env, INPUT="/data/raw/manifest.jsonl", VAE="/m/vae", OUT="/data/lat",
+                   TEXT_ENCODER="/m/t5", SLURM_ARRAY_TASK_ID="3", SLURM_ARRAY_TASK_COUNT="16")
+    assert proc.returncode == 0, proc.stderr
+    (line,) = log(env)
+    assert line.startswith("srun --ntasks=1") and "-m data_tools.encode_latents --input /data/raw/manifest.jsonl" in line
+    assert "--vae /m/vae --out /data/lat --buckets 480x720x49 --fps 8 --text-encoder /m/t5" in line
+    assert "array task 3 of 16" in proc.stdout
+    assert _sbatch("encode_array.sbatch", env).returncode != 0  # INPUT/VAE/OUT are required
+
+
+def test_local_launcher(env):
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "local.sh"), "--config", "tiny", "data.shards=[x]"],
+                          env=dict(env, NPROC="2"), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    (line,) = log(env)
+    assert "-m torch.distributed.run --standalone --nproc_per_node=2 -m cogvx_ds.train --config tiny" in line
