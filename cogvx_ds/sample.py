@@ -38,7 +38,8 @@ def load_components(model: str, vae: str | None = None, text_encoder: str | None
         raise FileNotFoundError(f"{model}: pass --vae and --text-encoder (or use a pipeline folder with vae/ and "
                                 f"text_encoder/)")
     vae_model = CogVideoXVAE.from_diffusers(vae_dir).eval()
-    encoder = TextEncoder.from_pretrained(te_dir.parent if te_dir.name == "text_encoder" else te_dir,
+    in_pipeline = te_dir.name == "text_encoder" and (te_dir.parent / "tokenizer").is_dir()
+    encoder = TextEncoder.from_pretrained(te_dir.parent if in_pipeline else te_dir,
                                           max_length=dit.config.max_text_seq_length)
     return dit, vae_model, encoder
 

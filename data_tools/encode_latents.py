@@ -288,6 +288,9 @@ def prefetched(fn: Callable, items: Iterable, workers: int, depth: int) -> Itera
 
 
 # ------------------------------------------------------------------------------------------------ encode
+EMPTY_TEXT_NAME = "empty_text.safetensors"
+
+
 class Encoder:
     """VAE (+ optional text encoder) on one device; batches clips of one bucket."""
 
@@ -308,6 +311,18 @@ class Encoder:
             dtype = DTYPES[args.text_dtype or ("bf16" if self.device.type == "cuda" else "fp32")]
             self.text = TextEncoder.from_pretrained(args.text_encoder, max_length=args.text_max_length,
                                                     device=self.device, dtype=dtype)
+
+    @torch.inference_mode()
+    def write_empty_text(self, out: Path) -> None:
+        """empty_text.safetensors: the empty caption's embedding, which training uses for caption dropout."""
+        if self.text is None or (out / EMPTY_TEXT_NAME).is_file():
+            return
+        from safetensors.torch import save_file
+
+        emb, mask = self.text.empty_embedding()
+        tmp = out / f".{EMPTY_TEXT_NAME}.tmp-{os.getpid()}"
+        save_file({"embedding": emb[0].float().cpu().contiguous(), "mask": mask[0].cpu().contiguous()}, str(tmp))
+        os.replace(tmp, out / EMPTY_TEXT_NAME)
 
     @torch.inference_mode()
     def encode(self, clips: list[torch.Tensor], captions: list[str]):
@@ -461,6 +476,7 @@ def _encode_shards(out: Path, plan: ShardPlan, todo: list[int], items: list[Inpu
 
     t0 = time.perf_counter()
     encoder = Encoder(args)
+    encoder.write_empty_text(out)
     stats.times["setup"] += time.perf_counter() - t0  # model loading: not part of the throughput
     work = [items[i] for k in todo for i in plan.inputs_of(k)]
 

@@ -361,6 +361,10 @@ def test_input_formats_and_text_embeddings(tmp_path, vae_dir):
     assert s.mean.dtype == torch.float16 and s.text_embedding.shape == (32, 32) and s.text_mask.dtype == torch.bool
     torch.testing.assert_close(s.text_embedding.float(), emb[0].half().float())
     assert torch.equal(s.text_mask, mask[0].bool()) and 0 < int(s.text_mask.sum()) < 32
+    from safetensors.torch import load_file
+
+    empty = load_file(str(tmp_path / "out" / "empty_text.safetensors"))  # caption dropout's embedding
+    torch.testing.assert_close(empty["embedding"], TextEncoder.from_pretrained(t5, max_length=32).encode([""])[0][0])
 
 
 def test_cli_help_and_yaml_config(tmp_path, capsys):

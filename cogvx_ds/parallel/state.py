@@ -41,12 +41,7 @@ def init_distributed(tensor_parallel: int = 1, sequence_parallel: int = 1, backe
     import deepspeed
 
     if backend == "gloo":
-        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel (C++, about a minute, needs a
-        # compiler) at start-up, for inference all-reduces we never call; plain gloo collectives do everything.
-        import importlib
-
-        # (attribute access would find deepspeed.comm's `torch` import, not the submodule)
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        skip_deepspeed_cpu_shm_kernel()
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     world = dist.get_world_size()
     if world % (tensor_parallel * sequence_parallel) != 0:
@@ -62,6 +57,16 @@ def init_distributed(tensor_parallel: int = 1, sequence_parallel: int = 1, backe
         distributed_timeout_minutes=timeout_minutes,
         create_gloo_process_groups=False,
     )
+
+
+def skip_deepspeed_cpu_shm_kernel() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel (C++: about a minute per fresh
+    environment, and it needs a compiler) when its comm backend starts, for inference all-reduces we never call;
+    plain gloo collectives do everything here. Call before deepspeed.init_distributed on gloo."""
+    import importlib
+
+    # (attribute access would find deepspeed.comm's `torch` import, not the submodule)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def _env_from_slurm() -> None:

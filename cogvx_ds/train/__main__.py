@@ -32,7 +32,7 @@ def main(argv=None) -> int:
                     help="config file or packaged name (model/tiny, stages/lq_pretrain, ...); later ones win")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.lr=1e-4 data.shards=[a/]")
     ap.add_argument("--print-config", action="store_true", help="print the resolved, validated config and exit")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # --config may come after overrides
 
     import yaml
 

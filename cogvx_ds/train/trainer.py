@@ -239,6 +239,10 @@ class Trainer:
         self._install_signal_handlers()
         tp = state.tp_size()
         step = start_step
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.max_steps, initial=start_step, desc=f"train {t.stage}", disable=not self.is_main,
+                   dynamic_ncols=True, mininterval=2.0)
         try:
             while step < t.max_steps:
                 t0 = time.time()
@@ -285,6 +289,8 @@ class Trainer:
                     **bucket_losses(sums, counts, self.schedule.num_train_timesteps), **_memory(),
                 }, sample_order={"keys": batch["global_keys"], "kind": "image" if batch["mean"].shape[2] == 1
                                  else "video"})
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses.mean().item():.4f}", refresh=False)
                 stop = self._agreed_stop()
                 if step % t.save_every == 0 or stop or step == t.max_steps:
                     self.save(step, loader.position)
@@ -297,6 +303,7 @@ class Trainer:
                     return REQUEUE_EXIT_CODE
             self.model.save_diffusers(self.run_dir / "final_model")
         finally:
+            bar.close()
             loader.close()
         logger.close()
         return 0

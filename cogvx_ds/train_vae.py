@@ -1,0 +1,94 @@
+"""Train the 3D causal VAE (reconstruction + LPIPS + 3D hinge GAN + KL) with DeepSpeed ZeRO-2.
+
+Runs as a single process without a launcher (CPU: gloo), or under torchrun / deepspeed / srun.
+Settings come from defaults < --config YAML < key=value overrides (dotted for the model: model.latent_channels=16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from cogvx_ds.train.vae_trainer import VAETrainConfig, VAETrainer
+
+
+def _fields_help() -> str:
+    lines = ["config fields (YAML keys or key=value overrides), with defaults:"]
+    for f in dataclasses.fields(VAETrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {f.name} = {default!r}")
+    return "\n".join(lines)
+
+
+def parse_value(text: str):
+    """YAML scalars (1e-3, true, null, [16, 32]) and Python literals."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return ast.literal_eval(text)
+
+
+def build_config(config_file: str | None, overrides: list[str]) -> VAETrainConfig:
+    values: dict = {}
+    if config_file:
+        loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{config_file}: expected a mapping of config fields at the top level")
+        values.update(loaded)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected key=value")
+        key, text = item.split("=", 1)
+        if key.startswith("model."):
+            values.setdefault("model", dict(VAETrainConfig().model))[key[6:]] = parse_value(text)
+        else:
+            values[key] = parse_value(text)
+    names = {f.name for f in dataclasses.fields(VAETrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = config_file or "overrides"
+        raise ValueError(f"{where}: unknown VAE training config field(s) {unknown}; valid: {sorted(names)}")
+    if "betas" in values:
+        values["betas"] = tuple(values["betas"])
+    return VAETrainConfig(**values)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m cogvx_ds.train_vae", description=__doc__, epilog=_fields_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file of config fields")
+    p.add_argument("--run-dir", help="output dir: metrics.jsonl, tb/, checkpoints/, export/ (same as run_dir=)")
+    p.add_argument("--steps", type=int, help="total optimizer steps (same as steps=)")
+    p.add_argument("--lpips-path", help="local LPIPS weights (same as lpips_path=); without it LPIPS is off")
+    p.add_argument("--export-only", action="store_true",
+                   help="load the latest checkpoint of run_dir and write run_dir/export in diffusers format")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. recon=l2 disc_start=50")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    overrides = list(args.overrides)
+    for flag, key in ((args.run_dir, "run_dir"), (args.steps, "steps"), (args.lpips_path, "lpips_path")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    try:
+        cfg = build_config(args.config, overrides)
+        cfg.validate()
+    except (ValueError, OSError) as e:
+        p.error(str(e))
+    trainer = VAETrainer(cfg)
+    if args.export_only:
+        if not trainer.resume():
+            sys.exit(f"{cfg.run_dir}/checkpoints/latest: no checkpoint to export")
+        trainer.export(Path(cfg.run_dir) / "export")
+        return
+    trainer.train()
+
+
+if __name__ == "__main__":
+    main()
