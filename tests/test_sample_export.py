@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,3 +87,22 @@ def test_sample_cli_writes_videos(run_dir, tmp_path):
 
     frames, _fps = read_video(tmp_path / "s" / records[0]["path"])
     assert frames.shape == (FRAMES, HEIGHT, WIDTH, 3)
+
+
+@pytest.mark.slow
+def test_export_from_a_zero3_checkpoint_equals_final_model(run_dir, tmp_path):
+    """Consolidating the DeepSpeed ZeRO-3 checkpoint gives exactly the weights the run exported at its end."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_helpers import make_shards, train_args
+
+    shards = make_shards(tmp_path / "shards", n_video=8)
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "cogvx_ds.train", *train_args(run, shards, "train.max_steps=2")],
+                   check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "cogvx_ds.export", f"--run-dir={run}", f"--out={tmp_path / 'pipe'}",
+                    f"--vae={run_dir / 'vae'}", f"--text-encoder={run_dir / 't5'}", "--checkpoint=latest"],
+                   check=True, capture_output=True)
+    from cogvx_ds.checkpoint.diffusers_io import LazySafetensors
+
+    a, b = LazySafetensors(run / "final_model"), LazySafetensors(tmp_path / "pipe" / "transformer")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

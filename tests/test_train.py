@@ -174,12 +174,31 @@ def test_bad_config_and_missing_shards_fail_before_training(shards, tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+class _SideEffect:
+    def __reduce__(self):  # unpickling this creates a file
+        return (open, (str(MARKER), "w"))
+
+
+MARKER = __import__("pathlib").Path("/tmp/cogvx_ds_train_pickle_marker")
+
+
 @pytest.mark.slow
-def test_corrupt_shard_is_skipped_and_counted(tmp_path):
+def test_corrupt_shard_is_skipped_and_counted_and_pickles_never_load(tmp_path):
+    import io
+    import pickle
+    import tarfile
+
     data = make_shards(tmp_path / "d", n_video=16)
-    shard = sorted(data.glob("*.tar"))[0]
+    shard, intact = sorted(data.glob("*.tar"))
     shard.write_bytes(shard.read_bytes()[:3000])  # truncated mid-member
+    MARKER.unlink(missing_ok=True)
+    payload = pickle.dumps(_SideEffect())
+    with tarfile.open(intact, "a") as tar:  # a webdataset-style pickle member next to a good sample
+        info = tarfile.TarInfo("v00008.pyd")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
     proc = train(*train_args(tmp_path / "run", data, "train.max_steps=2"))
+    assert not MARKER.exists()
     m = read_metrics(tmp_path / "run")
     assert m[-1]["bad_shards"] == 1 and "skipping shard" in proc.stderr and shard.name in proc.stderr
     keys = {k for line in (tmp_path / "run" / "sample_order.jsonl").read_text().splitlines()
