@@ -50,7 +50,7 @@ def shards(tmp_path_factory):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_reproduces_the_uninterrupted_curve(shards, tmp_path):
-    common = ["train.lr_schedule=constant", "train.save_every=3", "train.micro_batch_size=2"]
+    common = ["train.lr_schedule=constant", "train.save_every=3", "train.micro_batch_size=2", "train.ema_decay=0.9"]
     train(*train_args(tmp_path / "full", shards, *common, "train.max_steps=9"))
     full = read_metrics(tmp_path / "full")
 
@@ -69,6 +69,8 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_curve(shards, tmp_path
         assert a["loss"] == b["loss"] and a["data_position"] == b["data_position"], (a["step"], a, b)
     order_full = (tmp_path / "full" / "sample_order.jsonl").read_text()
     assert (run / "sample_order.jsonl").read_text() == order_full  # the same samples, none lost or repeated
+    ema_full, ema_resumed = (LazySafetensors(r / "final_model_ema") for r in (tmp_path / "full", run))
+    assert all(torch.equal(ema_full[k], ema_resumed[k]) for k in ema_full)  # the EMA state resumed too
 
 
 @pytest.mark.slow
@@ -137,6 +139,26 @@ def test_three_stages_chain_weights(tmp_path):
     assert max((w3[k] - w2[k]).abs().max().item() for k in w1) > 1e-4
     for r, stage in (("lq_run", "lq_pretrain"), ("hq_run", "hq_finetune"), ("cap_run", "caption_finetune")):
         assert f"stage: {stage}" in (tmp_path / r / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_ema_weights_follow_the_decay(shards, tmp_path):
+    """decay -> 0: the EMA is the final weights; decay -> 1: it stays at the initial weights."""
+    for decay in ("0.000001", "0.999999"):
+        train(*train_args(tmp_path / decay, shards, "train.max_steps=3", f"train.ema_decay={decay}",
+                          "train.save_every=100"))
+    fast, slow = LazySafetensors(tmp_path / "0.000001" / "final_model"), LazySafetensors(tmp_path / "0.999999" / "final_model")
+    fast_ema = LazySafetensors(tmp_path / "0.000001" / "final_model_ema")
+    slow_ema = LazySafetensors(tmp_path / "0.999999" / "final_model_ema")
+    from cogvx_ds.config import load_config
+    from cogvx_ds.models import CogVideoXTransformer
+
+    init = CogVideoXTransformer.from_config(load_config("tiny").model)  # the seeded init both runs started from
+    init.save_diffusers(tmp_path / "init")
+    init_w = LazySafetensors(tmp_path / "init")
+    assert max((fast_ema[k] - fast[k]).abs().max().item() for k in fast) < 1e-5
+    assert max((slow_ema[k] - init_w[k]).abs().max().item() for k in init_w) < 1e-5
+    assert max((slow[k] - init_w[k]).abs().max().item() for k in init_w) > 1e-4  # training did move the weights
 
 
 def test_explicit_uniform_sampling_per_rank_and_global():

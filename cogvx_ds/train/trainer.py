@@ -146,6 +146,9 @@ class Trainer:
         self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
         self.schedule = NoiseSchedule.from_config(cfg.diffusion)
         self.engine, self.model = build_engine(cfg, self.ds_config)
+        from cogvx_ds.train.ema import EMA
+
+        self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.global_batch = state.dp_size() * cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps
         self.plan = GlobalPlan(self.shards, self.global_batch, cfg.data.seed, cfg.data.image_ratio)
         self.stop_signal = None
@@ -263,15 +266,19 @@ class Trainer:
                         self.engine.backward(loss)
                         self.nonfinite_in_a_row = 0
                         self.engine.step()
+                        took_step = True
                     else:
                         # Skip: no backward. With one micro-batch per step the optimizer step is skipped too (no
                         # momentum or decay update); with accumulation the bad micro-batch's gradient is left out
                         # and the accumulation boundary kept, so DeepSpeed's step counting stays aligned.
                         self._count_nonfinite(step, loss, batch)
-                        if self.cfg.train.gradient_accumulation_steps > 1:
+                        took_step = self.cfg.train.gradient_accumulation_steps > 1
+                        if took_step:
                             self.engine.step()
                     f, h, w = batch["mean"].shape[2:]
                     tokens += len(share) * f * (h // self.cfg.model.patch_size) * (w // self.cfg.model.patch_size)
+                if self.ema is not None and took_step:  # the optimizer stepped at this boundary
+                    self.ema.update()
                 # loss shares summed over SP (and replicated over TP) -> per-sample losses of the global batch
                 dist.all_reduce(losses)
                 dist.all_reduce(timesteps)
@@ -302,6 +309,9 @@ class Trainer:
                               f"{REQUEUE_EXIT_CODE} for requeue", flush=True)
                     return REQUEUE_EXIT_CODE
             self.model.save_diffusers(self.run_dir / "final_model")
+            if self.ema is not None:
+                with self.ema.swapped_in():
+                    self.model.save_diffusers(self.run_dir / "final_model_ema")
         finally:
             bar.close()
             loader.close()
@@ -321,6 +331,8 @@ class Trainer:
     def save(self, step: int, position: int) -> None:
         tag = f"step{step:08d}"
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False)
+        if self.ema is not None:
+            self.ema.save(self.ckpt_dir / tag / f"ema_rank{self.rank:05d}.safetensors")
         dist.barrier()  # every rank has written its part
         if self.is_main:
             trainer_state = {"step": step, "data_position": position, "config_hash": config_hash(self.cfg),
@@ -344,6 +356,8 @@ class Trainer:
             raise ValueError(f"{self.ckpt_dir / tag}: model/diffusion config differs from the checkpoint's; "
                              f"use a new train.run_dir, or train.init_from to start from its weights")
         self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        if self.ema is not None:
+            self.ema.load(self.ckpt_dir / tag / f"ema_rank{self.rank:05d}.safetensors")
         if self.is_main:
             print(f"resumed from {self.ckpt_dir / tag} (step {st['step']}, data position {st['data_position']})",
                   flush=True)
