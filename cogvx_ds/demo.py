@@ -26,7 +26,7 @@ from pathlib import Path
 
 PRESETS = {
     # name: (videos, images, heldout, vae_steps, lq_steps, hq_steps, caption_steps, batch, sample_steps)
-    "full": (600, 150, 24, 150, 900, 300, 200, 32, 25),
+    "full": (500, 120, 24, 150, 800, 200, 150, 32, 25),
     "quick": (48, 16, 6, 4, 6, 4, 4, 8, 4),
 }
 
@@ -43,13 +43,15 @@ def _run(cmd: list[str], log: Path, env: dict | None = None) -> float:
 
 
 def _latent_std(shards: Path) -> float:
-    """Std of the encoded latents: training uses 1/std as data.latent_scale so latents are unit-variance."""
+    """Std of the latents training draws (posterior mean + std * eps): 1/std becomes data.latent_scale."""
     import torch
 
     from cogvx_ds.data.shards import iter_shard
 
-    means = [s.mean.float() for shard in sorted(shards.glob("*.tar"))[:2] for s in iter_shard(shard)]
-    return torch.cat([m.flatten() for m in means]).std().item()
+    samples = [s for shard in sorted(shards.glob("*.tar"))[:2] for s in iter_shard(shard)]
+    means = torch.cat([s.mean.float().flatten() for s in samples])
+    noise_var = torch.cat([s.logvar.float().exp().flatten() for s in samples]).mean()
+    return (means.var() + noise_var).sqrt().item()
 
 
 def main(argv=None) -> int:
@@ -86,8 +88,8 @@ def main(argv=None) -> int:
 
     print("3/6 tiny T5 text encoder; latents + text embeddings into shards (LQ 32x32, HQ 64x64, 9 frames)", flush=True)
     t5 = run / "text_encoder"
-    subprocess.run([py, "-c", f"from cogvx_ds.models.text_encoder import build_tiny_t5; "
-                              f"build_tiny_t5({str(t5)!r}, d_model=64, seed={args.seed})"], check=True, env=env)
+    _run([py, "-c", f"from cogvx_ds.models.text_encoder import build_tiny_t5; "
+                    f"build_tiny_t5({str(t5)!r}, d_model=64, seed={args.seed})"], log, env)
     t0 = time.time()
     for name, bucket in (("lq", "32x32x9,32x32x1"), ("hq", "64x64x9,64x64x1")):
         _run([py, "-m", "data_tools.encode_latents", "--input", data / "videos.txt", "--out", run / f"shards_{name}",

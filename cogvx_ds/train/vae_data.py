@@ -12,7 +12,10 @@ import torch
 COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.3, 0.95), "yellow": (0.95, 0.9, 0.1),
            "magenta": (0.9, 0.2, 0.85), "cyan": (0.1, 0.85, 0.9), "white": (0.95, 0.95, 0.95)}
 COLOURS = list(COLOURS.values())
-BACKGROUNDS = [(0.05, 0.05, 0.05), (0.25, 0.25, 0.3), (0.1, 0.15, 0.3), (0.3, 0.2, 0.1)]
+# Dark, mid-gray and white backgrounds: a VAE never shown a background encodes it out of distribution (its
+# posterior variance explodes), so the palette covers what data_tools.make_synthetic draws too.
+BACKGROUNDS = [(0.0, 0.0, 0.0), (0.05, 0.05, 0.05), (0.25, 0.25, 0.3), (0.1, 0.15, 0.3), (0.3, 0.2, 0.1),
+               (0.5, 0.5, 0.5), (1.0, 1.0, 1.0), (0.85, 0.85, 0.8)]
 
 
 def moving_shapes(num_frames: int, height: int, width: int, seed: int, max_shapes: int = 3) -> torch.Tensor:
