@@ -64,11 +64,11 @@ def export_transformer_from_checkpoint(run_dir: Path, out: Path, tag: str) -> No
 
     import torch.distributed as dist
 
-    from cogvx_ds.train.__main__ import _single_process_env
     from cogvx_ds.train.trainer import build_ds_config, build_engine
+    from cogvx_ds.utils import single_process_env
 
     cfg = load_config(run_dir / "config.yaml", ["train.init_from=null"])
-    _single_process_env()
+    single_process_env()
     from cogvx_ds.parallel import init_distributed
 
     init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.sequence_parallel, cfg.parallel.backend)

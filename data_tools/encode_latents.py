@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from cogvx_ds.data.shards import ShardWriter, write_index
+from cogvx_ds.utils import atomic_write_text
 from data_tools.video_decode import (
     IMAGE_EXTS,
     VIDEO_EXTS,
@@ -216,13 +217,7 @@ def check_or_write_plan(out: Path, record: dict) -> None:
             raise ValueError(f"{path}: this folder was encoded with other settings ({diff}, as (was, now)); "
                              "use a new --out or the original settings")
         return
-    _atomic_write(path, json.dumps(record, indent=2, sort_keys=True))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True))
 
 
 # ------------------------------------------------------------------------------------------------ decode
@@ -406,7 +401,7 @@ class ShardJob:
         t0 = time.perf_counter()
         entry = {"path": self.writer.path.name, "num_samples": self.writer.count, "buckets": dict(self.writer.buckets)}
         sidecar = self.out / f"{shard_name(self.shard)}.json"
-        _atomic_write(sidecar, json.dumps({"entry": entry, "rejects": self.rejects}, indent=1, sort_keys=True))
+        atomic_write_text(sidecar, json.dumps({"entry": entry, "rejects": self.rejects}, indent=1, sort_keys=True))
         self.writer.close()  # the rename that marks the shard finished: after its sidecar exists
         self.stats.bytes_written += self.writer.path.stat().st_size + sidecar.stat().st_size
         self.stats.shards_written += 1
@@ -435,7 +430,7 @@ def finalize(out: Path) -> Path:
         rejects += side["rejects"]
         if side["entry"]["num_samples"]:
             entries.append(side["entry"])  # empty shards (all inputs rejected) are left out of the index
-    _atomic_write(out / REJECTS_NAME, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
+    atomic_write_text(out / REJECTS_NAME, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
     reasons = Counter(r["reason"] for r in rejects)
     extra = {"num_inputs": plan.num_inputs, "num_rejects": len(rejects), "reject_reasons": dict(reasons),
              "latent_dtype": record["latent_dtype"], "buckets_configured": record["buckets"],
@@ -638,7 +633,7 @@ def main(argv=None) -> int:
         print(f"encode_latents: error: {e}", file=sys.stderr)
         return 1
     if args.summary_json:
-        _atomic_write(Path(args.summary_json), json.dumps(summary, indent=2))
+        atomic_write_text(Path(args.summary_json), json.dumps(summary, indent=2))
     return 0
 
 

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from cogvx_ds.checkpoint.layout import full_state_dict, load_full_state_dict
 from cogvx_ds.config import ModelConfig
+from cogvx_ds.utils import atomic_write
 
 DIFFUSERS_CLASS = "CogVideoXTransformer3DModel"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -140,17 +141,11 @@ def save_transformer(model, path, max_shard_size: int = 5 * 1024**3, dtype: torc
     else:
         names = [f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        _atomic(folder / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
+        atomic_write(folder / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
                  "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-        _atomic(folder / f"{WEIGHTS_NAME}.index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
-    _atomic(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config_to_diffusers(model.config), indent=2)))
+        atomic_write(folder / f"{WEIGHTS_NAME}.index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
+    atomic_write(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config_to_diffusers(model.config), indent=2)))
     if dist.is_initialized():
         dist.barrier()
-
-
-def _atomic(target: Path, write) -> None:
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, target)

@@ -14,17 +14,6 @@ import os
 import sys
 
 
-def _single_process_env() -> None:
-    if "WORLD_SIZE" in os.environ or "SLURM_PROCID" in os.environ:
-        return
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cogvx_ds.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,7 +42,9 @@ def main(argv=None) -> int:
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
-    _single_process_env()
+    from cogvx_ds.utils import single_process_env
+
+    single_process_env()
     from cogvx_ds.train.trainer import Trainer
 
     try:

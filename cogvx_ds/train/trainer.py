@@ -29,6 +29,7 @@ from cogvx_ds.data.shards import resolve_shards
 from cogvx_ds.diffusion import NoiseSchedule, bucket_loss_sums, bucket_losses
 from cogvx_ds.diffusion.timesteps import explicit_uniform_interval, sampling_generator
 from cogvx_ds.parallel import MegatronMPU, init_distributed, state
+from cogvx_ds.utils import atomic_write_text
 
 warnings.filterwarnings("ignore", message=r".*torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor).*")
 
@@ -304,7 +305,7 @@ class Trainer:
                 if stop:
                     logger.close()
                     if self.is_main:
-                        _atomic_write(self.run_dir / REQUEUE_FILE, json.dumps({"step": step, "signal": self.stop_signal}))
+                        atomic_write_text(self.run_dir / REQUEUE_FILE, json.dumps({"step": step, "signal": self.stop_signal}))
                         print(f"received {self.stop_signal}: checkpoint at step {step} written; exiting with "
                               f"{REQUEUE_EXIT_CODE} for requeue", flush=True)
                     return REQUEUE_EXIT_CODE
@@ -339,8 +340,8 @@ class Trainer:
                              "world_size": self.world, "tp": state.tp_size(), "sp": state.sp_size(),
                              "rng": "stateless: draws are keyed by (train.seed, step, global sample index)",
                              "nonfinite_skipped": self.nonfinite_total}
-            _atomic_write(self.ckpt_dir / tag / "trainer_state.json", json.dumps(trainer_state, indent=2))
-            _atomic_write(self.ckpt_dir / "latest", tag)  # only after every rank finished
+            atomic_write_text(self.ckpt_dir / tag / "trainer_state.json", json.dumps(trainer_state, indent=2))
+            atomic_write_text(self.ckpt_dir / "latest", tag)  # only after every rank finished
             tags = sorted(p.name for p in self.ckpt_dir.glob("step*") if p.is_dir())
             for old in tags[:-self.cfg.train.keep_last]:
                 shutil.rmtree(self.ckpt_dir / old, ignore_errors=True)
@@ -394,9 +395,3 @@ def _memory() -> dict:
     import psutil
 
     return {"memory_gb": psutil.Process().memory_info().rss / 2**30}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

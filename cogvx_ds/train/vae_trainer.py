@@ -16,8 +16,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ from cogvx_ds.models.vae.discriminator import PatchDiscriminator3D
 from cogvx_ds.models.vae.losses import GeneratorLossWeights, generator_step_terms, hinge_d_loss
 from cogvx_ds.models.vae.lpips import LPIPS
 from cogvx_ds.train.vae_data import MovingShapesStream
+from cogvx_ds.utils import atomic_write_text, single_process_env
 
 log = logging.getLogger("cogvx_ds.train_vae")
 REPO = Path(__file__).resolve().parents[2]
@@ -101,11 +100,7 @@ def init_distributed() -> None:
 
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    single_process_env()
     if not torch.cuda.is_available():
         from cogvx_ds.parallel.state import skip_deepspeed_cpu_shm_kernel
 
@@ -224,10 +219,10 @@ class VAETrainer:
         state = dict(step=self.step, data_position=self.stream.position, config_hash=self.cfg.hash(),
                      torch_rng=_encode_tensor(torch.get_rng_state()), world_size=self.world)
         if self.rank == 0:
-            _atomic_write(self.ckpt_dir / tag / "trainer_state.json", json.dumps(state, indent=2))
+            atomic_write_text(self.ckpt_dir / tag / "trainer_state.json", json.dumps(state, indent=2))
         dist.barrier()
         if self.rank == 0:  # `latest` only once every rank has finished writing
-            _atomic_write(self.ckpt_dir / "latest", tag)
+            atomic_write_text(self.ckpt_dir / "latest", tag)
 
     def resume(self) -> bool:
         latest = self.ckpt_dir / "latest"
@@ -254,7 +249,7 @@ class VAETrainer:
         if self.rank != 0 or not path.is_file():
             return
         lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
-        _atomic_write(path, "".join(ln + "\n" for ln in lines))
+        atomic_write_text(path, "".join(ln + "\n" for ln in lines))
 
     # -------------------------------------------------------------------------------------------- outputs
     @torch.no_grad()
@@ -294,10 +289,3 @@ def _encode_tensor(t: torch.Tensor) -> str:
 
 def _decode_tensor(s: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
