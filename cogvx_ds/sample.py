@@ -122,7 +122,11 @@ def main(argv=None) -> int:
     from data_tools._video_io import write_mp4
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    dit, vae, encoder = load_components(args.model, args.vae, args.text_encoder, dtype)
+    try:
+        dit, vae, encoder = load_components(args.model, args.vae, args.text_encoder, dtype)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = []

@@ -106,3 +106,9 @@ def test_export_from_a_zero3_checkpoint_equals_final_model(run_dir, tmp_path):
 
     a, b = LazySafetensors(run / "final_model"), LazySafetensors(tmp_path / "pipe" / "transformer")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sample_cli_wrong_model_path_is_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cogvx_ds.sample", f"--model={tmp_path / 'nowhere'}", "--prompt=x"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
