@@ -183,7 +183,38 @@ def test_nonfinite_losses_skip_then_abort(shards, tmp_path):
     env = dict(ENV, COGVX_FAULT_NAN_STEPS="2,3")
     proc = train(*train_args(tmp_path / "b", shards, "train.max_consecutive_nonfinite=2"), env=env, check=False)
     assert proc.returncode != 0
-    assert "2 non-finite losses in a row" in proc.stderr and "step 3, rank 0" in proc.stderr and "bucket" in proc.stderr
+    assert "2 non-finite steps in a row" in proc.stderr and "step 3, rank 0 (local loss nan)" in proc.stderr
+    assert "bucket" in proc.stderr
+    env = dict(ENV, COGVX_FAULT_NAN_GRAD_STEPS="2,3")
+    proc = train(*train_args(tmp_path / "c", shards, "train.max_consecutive_nonfinite=2"), env=env, check=False)
+    assert proc.returncode != 0 and "finite losses everywhere, non-finite gradient" in proc.stderr
+
+
+def _final_weights(run_dir):
+    return dict(LazySafetensors(run_dir / "final_model"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ds_config,precision", [("zero3_bf16", "bf16"), ("zero2", "fp32")])
+@pytest.mark.parametrize("fault", ["COGVX_FAULT_NAN_STEPS", "COGVX_FAULT_NAN_GRAD_STEPS"])
+def test_a_nonfinite_micro_batch_skips_the_whole_step(shards, tmp_path, fault, ds_config, precision):
+    """Gradient accumulation 2; step 2's first micro-batch gets a NaN loss, or a finite loss with a NaN gradient.
+    The whole step must be skipped (weights, Adam moments and LR schedule untouched), not just that micro-batch:
+    the weights after it equal a clean one-step run's bit for bit, and training goes on finite afterwards."""
+    common = ["train.lr_schedule=constant", "train.gradient_accumulation_steps=2", f"train.precision={precision}",
+              f"train.ds_config=ds_configs/{ds_config}.json", f"train.zero_stage={2 if ds_config == 'zero2' else 3}"]
+    train(*train_args(tmp_path / "one", shards, *common, "train.max_steps=1"))
+    train(*train_args(tmp_path / "skip", shards, *common, "train.max_steps=2"), env=dict(ENV, **{fault: "2"}))
+    one, skip = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "skip")
+    assert all(torch.equal(one[k], skip[k]) for k in one)
+    m = read_metrics(tmp_path / "skip")
+    assert [x["nonfinite_skipped"] for x in m] == [0, 1]
+    assert m[1]["grad_norm"] is None or not torch.isfinite(torch.tensor(m[1]["grad_norm"]))
+    train(*train_args(tmp_path / "after", shards, *common, "train.max_steps=3"), env=dict(ENV, **{fault: "2"}))
+    after = _final_weights(tmp_path / "after")
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(after[k], one[k]) for k in one)  # step 3 was applied
+    assert [x["nonfinite_skipped"] for x in read_metrics(tmp_path / "after")] == [0, 1, 1]
 
 
 def test_bad_config_and_missing_shards_fail_before_training(shards, tmp_path):

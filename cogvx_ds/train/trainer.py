@@ -61,12 +61,26 @@ def build_ds_config(cfg: Config) -> dict:
         "zero_allow_untested_optimizer": True,  # torch AdamW as the client optimizer (also under offload)
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
-        "bf16": {"enabled": t.precision == "bf16"},
+        # check_grad_overflow: a NaN/inf gradient skips the step in bf16 too (fp16 always checks; fp32 is checked
+        # through the gradient norm). The trainer relies on this to skip bad steps (tests/test_train.py).
+        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 500},
     })
     ds.pop("train_batch_size", None)  # DeepSpeed derives it; its "data parallel" size here is DP x SP
     ds["zero_optimization"].setdefault("stage", t.zero_stage)
     return ds
+
+
+class _NaNGradient(torch.autograd.Function):
+    """Identity forward, NaN backward (fault injection for tests)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -200,14 +214,15 @@ class Trainer:
         # gradients over all DP x SP ranks, so the share is scaled by SP; ZeRO-1/2 divide by DP only.
         return float(state.sp_size()) if self.ds_config["zero_optimization"]["stage"] == 3 else 1.0
 
-    def _fault_injection(self, step: int, loss):
-        """Test hook (COGVX_FAULT_NAN_STEPS="3,4"): make rank 0's loss non-finite at those 1-based steps."""
-        steps = os.environ.get("COGVX_FAULT_NAN_STEPS")
-        if steps and self.rank == 0 and step + 1 in {int(s) for s in steps.split(",")}:
-            return loss * float("nan")
-        return loss
+    def _fault_injection(self, step: int, micro: int, tensor, kind: str):
+        """Test hooks, rank 0's first micro-batch of 1-based steps: COGVX_FAULT_NAN_STEPS="3,4" makes the loss
+        NaN; COGVX_FAULT_NAN_GRAD_STEPS="3" keeps the loss finite and makes the gradient through the output NaN."""
+        steps = os.environ.get("COGVX_FAULT_NAN_GRAD_STEPS" if kind == "grad" else "COGVX_FAULT_NAN_STEPS")
+        if not (steps and self.rank == 0 and micro == 0 and step + 1 in {int(s) for s in steps.split(",")}):
+            return tensor
+        return _NaNGradient.apply(tensor) if kind == "grad" else tensor * float("nan")
 
-    def micro_step(self, batch, step: int):
+    def micro_step(self, batch, step: int, micro: int = 0):
         cfg = self.cfg
         mean, logvar = batch["mean"].float(), batch["logvar"].float()  # [b, C, F, H, W]
         b = mean.shape[0]
@@ -218,11 +233,12 @@ class Trainer:
         target = self.schedule.v_target(z, noise, t)
         text = self._text(batch, drop).to(self.device)
         out = self.engine(x_t, text, t.float().to(self.device), gather_output=False)
+        out = self._fault_injection(step, micro, out, "grad")
         start, end = self.model.local_token_range(out.shape[1] * state.sp_size())
         target = self.model.patchify(target)[:, start:end].to(self.device)
         sq = (out.float() - target.float()).square()
         share = sq.sum(dim=(1, 2)) / (sq[0].numel() * state.sp_size())  # [b]: sums over SP to the sample mean
-        loss = self._fault_injection(step, share.mean() * self._sp_loss_factor())
+        loss = self._fault_injection(step, micro, share.mean() * self._sp_loss_factor(), "loss")
         return loss, share.detach(), t
 
     # ---------------------------------------------------------------------------------------------- loop
@@ -253,33 +269,33 @@ class Trainer:
                 losses = torch.zeros(self.global_batch)
                 timesteps = torch.zeros(self.global_batch)
                 tokens = 0
-                batch = None
-                for _ in range(t.gradient_accumulation_steps):
+                batch, bad_loss = None, None
+                for micro in range(t.gradient_accumulation_steps):
                     batch = loader.next()
-                    loss, share, ts = self.micro_step(batch, step)
+                    loss, share, ts = self.micro_step(batch, step, micro)
                     j = batch["first_index"]
                     losses[j:j + len(share)] = share.cpu()
                     timesteps[j:j + len(share)] = ts.float()
-                    finite = torch.tensor([float(torch.isfinite(loss).item())])
-                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                    if not torch.isfinite(loss).item():
+                        bad_loss = (loss, batch)
                     lr = self.engine.get_lr()[0]  # the rate this step uses (the scheduler advances in step())
-                    if finite.item() == 1.0:
-                        self.engine.backward(loss)
-                        self.nonfinite_in_a_row = 0
-                        self.engine.step()
-                        took_step = True
-                    else:
-                        # Skip: no backward. With one micro-batch per step the optimizer step is skipped too (no
-                        # momentum or decay update); with accumulation the bad micro-batch's gradient is left out
-                        # and the accumulation boundary kept, so DeepSpeed's step counting stays aligned.
-                        self._count_nonfinite(step, loss, batch)
-                        took_step = self.cfg.train.gradient_accumulation_steps > 1
-                        if took_step:
-                            self.engine.step()
+                    # Backward even through a non-finite loss: its gradients are non-finite, and DeepSpeed's check
+                    # at the accumulation boundary then drops the whole step on every rank (gradients cleared, no
+                    # optimizer, momentum or LR-schedule update). A NaN/inf gradient under a finite loss is
+                    # dropped the same way.
+                    self.engine.backward(loss)
+                    self.engine.step()
                     f, h, w = batch["mean"].shape[2:]
                     tokens += len(share) * f * (h // self.cfg.model.patch_size) * (w // self.cfg.model.patch_size)
-                if self.ema is not None and took_step:  # the optimizer stepped at this boundary
-                    self.ema.update()
+                if self.engine.was_step_applied():
+                    self.nonfinite_in_a_row = 0
+                    if bad_loss is not None:
+                        raise RuntimeError(f"step {step + 1}: DeepSpeed applied an optimizer step over a non-finite "
+                                           "loss; its overflow check is off in this ds_config, weights are corrupt")
+                    if self.ema is not None:
+                        self.ema.update()
+                else:
+                    self._count_nonfinite(step, bad_loss, batch)
                 # loss shares summed over SP (and replicated over TP) -> per-sample losses of the global batch
                 dist.all_reduce(losses)
                 dist.all_reduce(timesteps)
@@ -319,14 +335,20 @@ class Trainer:
         logger.close()
         return 0
 
-    def _count_nonfinite(self, step, loss, batch) -> None:
+    def _count_nonfinite(self, step, bad_loss, batch) -> None:
+        """A skipped step (non-finite loss or gradient): count it; K in a row abort, naming what went wrong."""
         self.nonfinite_total += 1
         self.nonfinite_in_a_row += 1
         if self.nonfinite_in_a_row >= self.cfg.train.max_consecutive_nonfinite:
+            loss, batch = bad_loss if bad_loss is not None else (None, batch)
+            any_bad = torch.tensor([float(loss is not None)])
+            dist.all_reduce(any_bad, op=dist.ReduceOp.MAX)  # every rank gets here: the skip is collective
+            what = (f"rank {self.rank} (local loss {loss.item()})" if loss is not None else
+                    f"rank {self.rank} (finite loss; a non-finite loss on another rank)" if any_bad.item() else
+                    f"rank {self.rank} (finite losses everywhere, non-finite gradient)")
             raise FloatingPointError(
-                f"{self.nonfinite_in_a_row} non-finite losses in a row (train.max_consecutive_nonfinite); last at "
-                f"step {step + 1}, rank {self.rank} (local loss {loss.item()}), bucket {batch['meta'][0].get('bucket')}, "
-                f"samples {batch['keys']}")
+                f"{self.nonfinite_in_a_row} non-finite steps in a row (train.max_consecutive_nonfinite); last at "
+                f"step {step + 1}, {what}, bucket {batch['meta'][0].get('bucket')}, samples {batch['keys']}")
 
     # ---------------------------------------------------------------------------------------------- checkpoints
     def save(self, step: int, position: int) -> None:
