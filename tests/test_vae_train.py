@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_vae_losses import write_random_lpips
@@ -131,3 +132,43 @@ def test_cli_help_and_config_errors(capsys, tmp_path):
     (tmp_path / "c.yaml").write_text("frames: 13\n")
     with pytest.raises(ValueError, match="8j\\+1"):
         build_config(str(tmp_path / "c.yaml"), []).validate()
+
+
+def _frame_code_video(n_frames: int) -> np.ndarray:
+    """Frame k is flat grey at level 20 + 10k: the frame index can be read back after lossy coding."""
+    return np.stack([np.full((24, 40, 3), 20 + 10 * k, np.uint8) for k in range(n_frames)])
+
+
+def test_video_file_stream_reads_windows_of_real_files_and_skips_broken_ones(tmp_path):
+    from cogvx_ds.train.vae_data import VideoFileStream
+    from data_tools._video_io import write_mp4
+
+    for name, n in (("a.mp4", 20), ("b.mp4", 12), ("short.mp4", 5)):
+        write_mp4(tmp_path / name, _frame_code_video(n))
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    (tmp_path / "videos.txt").write_text("a.mp4\nb.mp4\nshort.mp4\nbroken.mp4\n")  # no prompts.txt needed
+    stream = VideoFileStream(str(tmp_path / "videos.txt"), batch_size=4, num_frames=9, height=16, width=16, seed=3)
+    batches = [stream.next_batch() for _ in range(6)]
+    assert all(b.shape == (4, 3, 9, 16, 16) for b in batches)
+    # Each clip is 9 consecutive frames of one file: grey levels step by 10 (1/12.75 in [-1, 1]).
+    levels = torch.cat(batches).mean(dim=(1, 3, 4)) * 127.5 + 127.5  # [24, 9]
+    steps = levels.diff(dim=1)
+    assert (steps - 10).abs().max() < 2.5, steps
+    starts = ((levels[:, 0] - 20) / 10).round()
+    assert starts.min() >= 0 and starts.max() <= 11 and len(set(starts.tolist())) > 3  # random windows
+    assert set(stream.skipped) == {str(tmp_path / "short.mp4"), str(tmp_path / "broken.mp4")}
+    assert "too_few_frames" in stream.skipped[str(tmp_path / "short.mp4")]
+    # Sample i is a pure function of (seed, i): a stream resumed at a position continues identically.
+    resumed = VideoFileStream(str(tmp_path), batch_size=4, num_frames=9, height=16, width=16, seed=3, position=12)
+    assert torch.equal(resumed.next_batch(), batches[3])
+    # The CLI trains on them (data=...), counting the skipped files in its metrics.
+    run = tmp_path / "run"
+    finish(start([sys.executable, "-m", "cogvx_ds.train_vae", "--run-dir", str(run), "--steps", "2",
+                  f"data={tmp_path / 'videos.txt'}", "batch_size=2", "model.block_out_channels=[8,16,32,32]",
+                  "disc_start=100", "export=false"]))
+    assert [m["skipped_files"] for m in read_metrics(run)][-1] in (1, 2)  # the draws decide which were met
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="lists no video files"):
+        VideoFileStream(str(tmp_path / "empty"), 1, 9, 16, 16)
+    with pytest.raises(ValueError, match="data: .* does not exist"):
+        build_config(None, [f"data={tmp_path / 'missing.txt'}"]).validate()

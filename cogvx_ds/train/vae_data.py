@@ -6,7 +6,13 @@ run sees exactly the clips it would have seen.
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
+import numpy as np
 import torch
+
+log = logging.getLogger("cogvx_ds.train_vae")
 
 # Named palettes (RGB in [0, 1]): few, distinct colours, as in captioned demo data ("a red circle moves left").
 COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.3, 0.95), "yellow": (0.95, 0.9, 0.1),
@@ -62,3 +68,64 @@ class MovingShapesStream:
         ]
         self.position += self.batch_size * self.world
         return torch.stack(clips)
+
+
+class VideoFileStream:
+    """Clips from real video files (a folder, a .jsonl/.csv manifest or a videos.txt list, as data_tools reads
+    them): `frames` consecutive frames at a random start, scaled to cover height x width and centre-cropped.
+
+    Sample i is a pure function of (seed, i), like MovingShapesStream, so `position` is the whole resumable
+    state. Unreadable or too-short files are skipped, counted in `skipped` (path -> reason) and logged once;
+    images are left out (the VAE trains on clips).
+    """
+
+    def __init__(self, source: str, batch_size: int, num_frames: int, height: int, width: int, seed: int = 0,
+                 position: int = 0, rank: int = 0, world: int = 1):
+        from data_tools.encode_latents import load_inputs
+
+        path = Path(source)
+        # Captions are not used: a videos.txt needs no prompts.txt (the list stands in for its own), and a
+        # missing caption is no reason to leave a video out.
+        items = load_inputs(path, prompts=path if path.suffix == ".txt" else None)
+        usable = [it for it in items if it.error is None or it.error[0] == "missing_caption"]
+        self.files = [it.path for it in usable if it.path is not None and not it.is_image]
+        if not self.files:
+            raise ValueError(f"data: {source} lists no video files (images are not used for VAE training)")
+        self.batch_size, self.num_frames, self.height, self.width = batch_size, num_frames, height, width
+        self.seed, self.position, self.rank, self.world = seed, position, rank, world
+        self.skipped: dict[str, str] = {}
+
+    def clip(self, index: int) -> torch.Tensor:
+        """Sample `index`: [3, T, H, W] in [-1, 1]. Draws again (same generator) past unusable files."""
+        from data_tools.video_decode import BadInput, Bucket, ClipPlan, read_clips, resize_center_crop
+
+        rng = np.random.default_rng([self.seed, index])
+        bucket = Bucket(self.height, self.width, self.num_frames)
+        for _ in range(100):
+            path = self.files[int(rng.integers(len(self.files)))]
+            if str(path) in self.skipped:
+                continue
+
+            def window(info, rng=rng):
+                if info.num_frames < self.num_frames:
+                    raise BadInput("too_few_frames", f"{info.num_frames} frames, need {self.num_frames}")
+                start = int(rng.integers(info.num_frames - self.num_frames + 1))
+                indices = tuple(range(start, start + self.num_frames))
+                return [ClipPlan(bucket, indices, info.fps, start / info.fps, (start + self.num_frames) / info.fps)]
+
+            try:
+                _, _, clips, _ = read_clips(path, window)
+            except BadInput as e:
+                self.skipped[str(path)] = str(e)
+                log.warning("VAE data: skipping %s (%s)", path, e)
+                continue
+            frames = resize_center_crop(clips[0], self.height, self.width)  # uint8 [T, 3, H, W]
+            return frames.permute(1, 0, 2, 3).float() / 127.5 - 1.0
+        raise ValueError(f"data: 100 draws in a row found no readable video of >= {self.num_frames} frames "
+                         f"({len(self.skipped)} of {len(self.files)} files skipped so far)")
+
+    def next_batch(self) -> torch.Tensor:
+        first = self.position + self.rank * self.batch_size
+        batch = torch.stack([self.clip(i) for i in range(first, first + self.batch_size)])
+        self.position += self.batch_size * self.world
+        return batch

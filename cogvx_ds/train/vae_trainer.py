@@ -26,7 +26,7 @@ from cogvx_ds.models.vae import CogVideoXVAE, CogVideoXVAEConfig
 from cogvx_ds.models.vae.discriminator import PatchDiscriminator3D
 from cogvx_ds.models.vae.losses import GeneratorLossWeights, generator_step_terms, hinge_d_loss
 from cogvx_ds.models.vae.lpips import LPIPS
-from cogvx_ds.train.vae_data import MovingShapesStream
+from cogvx_ds.train.vae_data import MovingShapesStream, VideoFileStream
 from cogvx_ds.utils import atomic_write_text, single_process_env
 
 log = logging.getLogger("cogvx_ds.train_vae")
@@ -42,6 +42,7 @@ class VAETrainConfig:
     init_from: str | None = None  # diffusers-format VAE dir to fine-tune; None = random init of `model`
     model: dict = field(default_factory=lambda: dict(TINY_VAE))  # CogVideoXVAEConfig fields
     # data: synthetic moving shapes (frames 8j+1; height/width multiples of the VAE's spatial ratio)
+    data: str | None = None  # videos to train on (folder, .jsonl/.csv manifest, videos.txt); None = moving shapes
     frames: int = 9
     height: int = 32
     width: int = 32
@@ -75,6 +76,8 @@ class VAETrainConfig:
             # 4k+1 frames encode to k+1 latents, but the decoder (like the reference) only gives 4k+1 frames back
             # for an odd latent count; an even one decodes to 4(k+1) frames. So train on 8j+1 frames.
             raise ValueError(f"frames must be 8j+1 (9, 17, 33, ...) so reconstructions match the input, got {self.frames}")
+        if self.data is not None and not Path(self.data).exists():
+            raise ValueError(f"data: {self.data} does not exist (a folder, .jsonl/.csv manifest or videos.txt)")
         if self.recon not in ("l1", "l2"):
             raise ValueError(f"recon must be 'l1' or 'l2', got {self.recon!r}")
         for name in ("steps", "batch_size", "log_every", "video_every", "ckpt_every"):
@@ -144,10 +147,15 @@ class VAETrainer:
         self.disc, _, _, _ = deepspeed.initialize(
             model=disc, optimizer=torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=cfg.betas), config=ds)
         self.lpips = self._load_lpips()
-        self.stream = MovingShapesStream(cfg.batch_size, cfg.frames, cfg.height, cfg.width, cfg.seed,
-                                         rank=self.rank, world=self.world)
+        self.stream = self._stream(cfg.seed, rank=self.rank, world=self.world)
         self.step = 0
         self.writer = None
+
+    def _stream(self, seed: int, rank: int = 0, world: int = 1) -> MovingShapesStream | VideoFileStream:
+        c = self.cfg
+        if c.data is None:
+            return MovingShapesStream(c.batch_size, c.frames, c.height, c.width, seed, rank=rank, world=world)
+        return VideoFileStream(c.data, c.batch_size, c.frames, c.height, c.width, seed, rank=rank, world=world)
 
     def _load_lpips(self) -> LPIPS | None:
         if not self.cfg.lpips_path or not self.cfg.lpips_weight:
@@ -175,6 +183,7 @@ class VAETrainer:
             self.disc.backward(d_loss)
             self.disc.step()
             metrics["d_loss"] = d_loss.item()
+        metrics["skipped_files"] = len(getattr(self.stream, "skipped", ()))
         self.step += 1
         self._last_batch = (x, recon.detach())
         return metrics
@@ -256,8 +265,7 @@ class VAETrainer:
     def export(self, path: Path, batches: int = 4) -> None:
         """Write a diffusers-format VAE; scaling_factor = 1 / std of posterior means on a few training clips."""
         vae: CogVideoXVAE = self.vae.module
-        stream = MovingShapesStream(self.cfg.batch_size, self.cfg.frames, self.cfg.height, self.cfg.width,
-                                    seed=self.cfg.seed + 1)
+        stream = self._stream(self.cfg.seed + 1)
         means = torch.cat([vae.encode(stream.next_batch())[0].flatten() for _ in range(batches)])
         vae.config.scaling_factor = float(1.0 / means.std().clamp_min(1e-6))
         vae.save_diffusers(path)
