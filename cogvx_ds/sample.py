@@ -55,9 +55,10 @@ def generate(dit, vae, encoder, prompts: list[str], *, frames: int, height: int,
     from cogvx_ds.diffusion import NoiseSchedule, noise_from_seeds, sample
 
     cfg = dit.config
-    if (frames - 1) % cfg.temporal_compression_ratio or height % 16 or width % 16:
-        raise ValueError(f"frames must be {cfg.temporal_compression_ratio}k+1 and height/width multiples of 16, "
-                         f"got {frames}x{height}x{width}")
+    side = vae.config.spatial_ratio * cfg.patch_size  # one transformer patch, in pixels
+    if (frames - 1) % cfg.temporal_compression_ratio or height % side or width % side:
+        raise ValueError(f"frames must be {cfg.temporal_compression_ratio}k+1 and height/width multiples of {side} "
+                         f"(VAE {vae.config.spatial_ratio}x times patch {cfg.patch_size}), got {frames}x{height}x{width}")
     lat_frames = (frames - 1) // cfg.temporal_compression_ratio + 1
     if lat_frames > 1 and lat_frames % 2 == 0:
         # The causal VAE decoder upsamples time only for odd latent counts (1 + 2m): k+1 even would decode to
@@ -69,7 +70,7 @@ def generate(dit, vae, encoder, prompts: list[str], *, frames: int, height: int,
     dtype = dit.proj_out.weight.dtype
     cond, _ = encoder.encode(prompts)
     uncond = encoder.empty_embedding()[0].expand_as(cond) if guidance != 1.0 else None
-    shape = (lat_frames, cfg.in_channels, height // 8, width // 8)
+    shape = (lat_frames, cfg.in_channels, height // vae.config.spatial_ratio, width // vae.config.spatial_ratio)
     x_T = noise_from_seeds(shape, seeds)
     bar = tqdm(total=steps, desc="denoising", disable=not progress)
 

@@ -110,3 +110,21 @@ def test_stream_position_and_ranks():
     r0 = MovingShapesStream(1, 5, 16, 16, seed=1, rank=0, world=2)
     r1 = MovingShapesStream(1, 5, 16, 16, seed=1, rank=1, world=2)
     assert torch.equal(torch.cat([r0.next_batch(), r1.next_batch()]), first) and r0.position == 2
+
+
+def test_chroma_weighted_reconstruction_loss():
+    from cogvx_ds.models.vae.losses import reconstruction_loss
+
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.rand(2, 3, 5, 4, 4, generator=g, dtype=torch.float64), torch.rand(2, 3, 5, 4, 4, generator=g,
+                                                                                  dtype=torch.float64)
+    plain = (r - x).pow(2).mean()
+    # L2 splits exactly into luma (channel mean) + chroma parts, so weight 1 through the split is the plain loss.
+    err = r - x
+    luma = err.mean(1, keepdim=True)
+    assert torch.allclose(luma.pow(2).mean() + (err - luma).pow(2).mean(), plain, rtol=1e-12)
+    grey = x + 0.3  # the same error in every channel: no chroma, so the weight changes nothing
+    assert torch.allclose(reconstruction_loss(x, grey, "l2", 5.0), reconstruction_loss(x, grey, "l2"), rtol=1e-12)
+    tint = x + torch.tensor([0.2, -0.1, -0.1], dtype=torch.float64).view(1, 3, 1, 1, 1)  # zero channel mean
+    assert torch.allclose(reconstruction_loss(x, tint, "l2", 5.0), 5 * reconstruction_loss(x, tint, "l2"), rtol=1e-12)
+    assert torch.allclose(reconstruction_loss(x, tint, "l1", 5.0), 5 * reconstruction_loss(x, tint, "l1"), rtol=1e-12)

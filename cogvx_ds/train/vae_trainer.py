@@ -56,6 +56,7 @@ class VAETrainConfig:
     ds_config: str = "ds_configs/vae_zero2_cpu.json"
     # losses
     recon: str = "l1"  # l1 | l2
+    chroma_weight: float = 1.0  # weight of the colour part of the reconstruction error (losses.reconstruction_loss)
     lpips_path: str | None = None  # dir with lpips vgg.pth + torchvision vgg16*.pth, or a full LPIPS state dict
     lpips_weight: float = 1.0
     lpips_frames: int | None = 2  # LPIPS on this many random frames per clip (None: all)
@@ -80,13 +81,13 @@ class VAETrainConfig:
             raise ValueError(f"data: {self.data} does not exist (a folder, .jsonl/.csv manifest or videos.txt)")
         if self.recon not in ("l1", "l2"):
             raise ValueError(f"recon must be 'l1' or 'l2', got {self.recon!r}")
-        for name in ("steps", "batch_size", "log_every", "video_every", "ckpt_every"):
+        for name in ("steps", "batch_size", "log_every", "video_every", "ckpt_every", "chroma_weight"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
     def loss_weights(self) -> GeneratorLossWeights:
         return GeneratorLossWeights(self.recon, self.lpips_weight, self.lpips_frames, self.kl_weight,
-                                    self.disc_weight, self.disc_start)
+                                    self.disc_weight, self.disc_start, chroma_weight=self.chroma_weight)
 
     def hash(self) -> str:
         """Hash of what defines the training trajectory (not logging/steps), to refuse resuming another run."""

@@ -22,11 +22,23 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
-def reconstruction_loss(x: torch.Tensor, recon: torch.Tensor, kind: str) -> torch.Tensor:
+def reconstruction_loss(x: torch.Tensor, recon: torch.Tensor, kind: str, chroma_weight: float = 1.0) -> torch.Tensor:
+    """L1 or L2 over [B, 3, ...]. chroma_weight != 1 splits the error into its luma part (the channel mean) and
+    its chroma part (the rest) and weights the latter: an autoencoder learns colour long after brightness when
+    most pixels are grey, and this brings colour forward. At 1 it is the plain loss (for L2, exactly the sum of
+    the two parts)."""
+    err = recon - x
+    if chroma_weight != 1.0:
+        luma = err.mean(dim=1, keepdim=True)
+        chroma = err - luma
+        if kind == "l1":
+            return luma.abs().mean() + chroma_weight * chroma.abs().mean()
+        if kind == "l2":
+            return luma.pow(2).mean() + chroma_weight * chroma.pow(2).mean()
     if kind == "l1":
-        return (x - recon).abs().mean()
+        return err.abs().mean()
     if kind == "l2":
-        return (x - recon).pow(2).mean()
+        return err.pow(2).mean()
     raise ValueError(f"reconstruction loss must be 'l1' or 'l2', got {kind!r}")
 
 
@@ -39,6 +51,7 @@ class GeneratorLossWeights:
     disc_weight: float = 0.5
     disc_start: int = 0
     max_adaptive_weight: float = 1e4
+    chroma_weight: float = 1.0
 
 
 def generator_step_terms(x: torch.Tensor, recon: torch.Tensor, kl: torch.Tensor, disc, lpips: LPIPS | None,
@@ -48,7 +61,7 @@ def generator_step_terms(x: torch.Tensor, recon: torch.Tensor, kl: torch.Tensor,
     `disc` must be frozen (requires_grad False) by the caller: its parameters belong to another optimizer.
     """
     out = recon.detach().requires_grad_(True)
-    rec = reconstruction_loss(x, out, w.recon)
+    rec = reconstruction_loss(x, out, w.recon, w.chroma_weight)
     perc = lpips_on_frames(lpips, x, out, w.lpips_frames, generator) if lpips is not None and w.lpips_weight else None
     nll = rec + (w.lpips_weight * perc if perc is not None else 0.0)
     (grad_nll,) = torch.autograd.grad(nll, out)
