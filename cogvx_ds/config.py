@@ -54,6 +54,14 @@ class ModelConfig:
     use_rotary_positional_embeddings: bool = False
     rope_theta: float = 10000.0
     activation_checkpointing: bool = False
+    # bf16/fp16 models on the CPU: "auto" runs the matmul-type ops (linear layers, attention, patch conv) in
+    # float32 from the half-precision weights when oneDNN has no native kernels for that dtype on this CPU
+    # (AVX2-only machines, where bf16 matmuls, attention and convs run 10-40x slower than fp32); "fp32" always, "native" never.
+    # Never applies to GPU tensors. Parameters, gradients and the residual stream stay in the half dtype.
+    cpu_half_compute: str = "auto"
+    # torch.compile each transformer block (inductor; on CPUs it needs a C++ compiler). Numerically checked
+    # against eager in tests; pays off only in steady state (the first steps compile, for minutes on small CPUs).
+    compile_blocks: bool = False
     init_std: float = 0.02
     seed: int = 0
 
@@ -312,6 +320,8 @@ def validate_model(m: ModelConfig, tp: int = 1, sp: int = 1) -> None:
     else:
         _require(m.inner_dim % 16 == 0, "model.num_attention_heads x model.attention_head_dim", m.inner_dim,
                  "must be divisible by 16 for the 3D sin-cos position embedding")
+    _require(m.cpu_half_compute in ("auto", "fp32", "native"), "model.cpu_half_compute", m.cpu_half_compute,
+             "must be auto, fp32 or native")
     _require(m.in_channels == m.out_channels, "model.out_channels", m.out_channels,
              f"must equal model.in_channels ({m.in_channels}): the model predicts v in latent space")
 

@@ -38,12 +38,15 @@ def _close(got, ref):
 @pytest.mark.parametrize("tp,sp", [(2, 1), (1, 2), (2, 2)])
 def test_tp_sp_match_single_process(tp, sp, tmp_path, torchrun):
     """Both model families per launch: output, input gradients, and full parameter gradients (SP shares
-    summed, TP shards gathered) equal one process; save_diffusers under TP/SP writes the original weights."""
-    kinds = ["5b", "2b"]
+    summed, TP shards gathered) equal one process; save_diffusers under TP/SP writes the original weights.
+    7 text tokens: under SP=2 the ranks hold 4 and 3 of them (uneven all-to-all); batch 1 and 2 (the all-to-all
+    layouts differ)."""
+    kinds = ["5b", "2b", "5b-batch1"]
     for kind in kinds:
         case = tmp_path / kind
-        make_reference(kind).save_pretrained(case / "model")
-        x, text, t, probe = make_inputs(kind, SIZES[0])  # 3 x 4 x 6 = 72 video tokens, divisible by SP
+        make_reference(kind.split("-")[0]).save_pretrained(case / "model")
+        # 3 x 4 x 6 = 72 video tokens, divisible by SP
+        x, text, t, probe = make_inputs(kind.split("-")[0], SIZES[0], batch=1 if "batch1" in kind else 2)
         save_file({"x": x, "text": text, "t": t, "probe": probe}, str(case / "inputs.safetensors"))
     torchrun(tp * sp, "tests/dist_dit_worker.py", f"--tp={tp}", f"--sp={sp}",
              *[f"--case={tmp_path / k}" for k in kinds])

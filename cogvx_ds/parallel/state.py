@@ -36,7 +36,7 @@ def init_distributed(tensor_parallel: int = 1, sequence_parallel: int = 1, backe
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
-    # DeepSpeed keeps its own communication backend (used by DistributedAttention and ZeRO); it adopts the
+    # DeepSpeed keeps its own communication backend (used by ZeRO); it adopts the
     # process group started above.
     import deepspeed
 

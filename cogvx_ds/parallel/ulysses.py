@@ -1,55 +1,99 @@
-"""Ulysses sequence-parallel attention over [text tokens; video tokens].
+"""Ulysses sequence-parallel attention over a sharded [text; video] stream.
 
-Each SP rank holds 1/SP of the video tokens and a replica of all text tokens. DeepSpeed's
-DistributedAttention all-to-alls the video q/k/v from (local sequence, all heads) to (full sequence, heads/SP);
-the replicated text q/k/v are sliced to the same heads locally, so text is never duplicated in the sequence.
-The text tokens' attention output (heads/SP on each rank) is all-gathered over heads with a summed gradient,
-so every rank keeps an identical replica of the text stream.
+Each SP rank holds its own slice of the text tokens and of the video tokens (`CogVideoXTransformer` splits both),
+so no token-local work (AdaLN, QKV, MLP) is repeated across SP ranks. For attention one all-to-all moves q, k and
+v together from (local tokens, all heads) to (all tokens, heads/SP); the ranks' slices may differ in length (the
+text count need not divide by SP). The gathered sequence is every rank's [text; video] slice in rank order:
+attention has no positional bias (RoPE is applied before), so any token order gives the same per-token result.
+A second all-to-all returns each token's output to its rank.
+
+Layout work is kept to one copy per direction: q, k, v are packed once into the send buffer, and with one
+sample per micro-batch the received buffer is already [tokens, 3, heads, d], so SDPA reads q, k, v as strided
+views of it without a copy.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from deepspeed.sequence.layer import DistributedAttention
-
-from cogvx_ds.parallel.comm import gather_along_dim
 
 
-def joint_attention(q_text, k_text, v_text, q_vid, k_vid, v_vid):
-    """Full attention over the concatenated sequence; inputs [B, L, heads, d]; returns (text_out, video_out)."""
-    n_text = q_text.shape[1]
-    q = torch.cat([q_text, q_vid], 1).transpose(1, 2)
-    k = torch.cat([k_text, k_vid], 1).transpose(1, 2)
-    v = torch.cat([v_text, v_vid], 1).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-    return out[:, :n_text], out[:, n_text:]
+def _pack(xs, sp: int) -> torch.Tensor:
+    """[B, S, H, d] tensors -> one send buffer [SP, B, S, len(xs), H/SP, d] (a single pass over the data)."""
+    b, s, heads, d = xs[0].shape
+    send = xs[0].new_empty(sp, b, s, len(xs), heads // sp, d)
+    for i, x in enumerate(xs):
+        send[:, :, :, i] = x.unflatten(-2, (sp, heads // sp)).movedim(-3, 0)
+    return send
 
 
-class UlyssesJointAttention(torch.nn.Module):
-    """`forward(text qkv, local video qkv)` -> (text out replicated, local video out), all [B, L, heads, d]."""
+def _to_heads(x, sizes: list[int], group) -> torch.Tensor:
+    """x: a send buffer [SP, B, S_local, *M, H/SP, d] (see `_pack`) -> [B, sum(sizes), *M, H/SP, d]: rank r's
+    tokens (sizes[r] of them) in rank order, this rank's heads."""
+    sp, rank = dist.get_world_size(group), dist.get_rank(group)
+    b, mid, (h, d) = x.shape[1], x.shape[3:-2], x.shape[-2:]
+    row = math.prod(mid) * h * d * b
+    recv = x.new_empty(sum(sizes) * row)
+    dist.all_to_all_single(recv, x.view(-1), [n * row for n in sizes], [sizes[rank] * row] * sp, group=group)
+    parts = [p.view(b, n, *mid, h, d) for p, n in zip(recv.split([n * row for n in sizes]), sizes)]
+    return recv.view(1, sum(sizes), *mid, h, d) if b == 1 else torch.cat(parts, 1)
 
-    def __init__(self, group):
-        super().__init__()
-        self.group = group
-        self.dist_attn = DistributedAttention(self._local_attention, group, scatter_idx=2, gather_idx=1)
-        self._text_in = None
-        self._text_out = None
 
-    def _local_attention(self, q_vid, k_vid, v_vid, *args, **kwargs):
-        # Runs between DistributedAttention's all-to-alls: video is now full sequence x heads/SP.
-        text_out, video_out = joint_attention(*self._text_in, q_vid, k_vid, v_vid)
-        self._text_out = text_out
-        return video_out
+def _from_heads(y: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """The inverse of `_to_heads`: [B, sum(sizes), *M, H/SP, d] -> [B, S_local, *M, H, d]."""
+    sp, rank = dist.get_world_size(group), dist.get_rank(group)
+    b, mid, (h, d) = y.shape[0], y.shape[2:-2], y.shape[-2:]
+    row = math.prod(mid) * h * d * b
+    send = y.contiguous() if b == 1 else torch.cat([p.contiguous().flatten() for p in y.split(sizes, 1)])
+    recv = y.new_empty(sp, b, sizes[rank], *mid, h, d)
+    dist.all_to_all_single(recv.view(-1), send.view(-1), [sizes[rank] * row] * sp, [n * row for n in sizes],
+                           group=group)
+    return recv.movedim(0, -3).flatten(-3, -2)
 
-    def forward(self, q_text, k_text, v_text, q_vid, k_vid, v_vid):
-        sp, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
-        heads = q_vid.shape[2]
-        if heads % sp:
-            raise ValueError(f"{heads} local attention heads cannot be split over {sp} sequence-parallel ranks")
-        hs = heads // sp
-        self._text_in = tuple(t[:, :, rank * hs:(rank + 1) * hs] for t in (q_text, k_text, v_text))
-        video_out = self.dist_attn(q_vid, k_vid, v_vid, 0)
-        text_out, self._text_in, self._text_out = self._text_out, None, None
-        return gather_along_dim(text_out, dim=2, group=self.group, grad_mode="sum"), video_out
+
+class _QKVToHeads(torch.autograd.Function):
+    """q, k, v [B, S_local, H, d] -> [B, S_total, 3, H/SP, d] in one all-to-all."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sizes, group):
+        ctx.sizes, ctx.group = sizes, group
+        return _to_heads(_pack((q, k, v), dist.get_world_size(group)), sizes, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (*_from_heads(g, ctx.sizes, ctx.group).unbind(2), None, None)
+
+
+class _FromHeads(torch.autograd.Function):
+    """[B, S_total, H/SP, d] -> [B, S_local, H, d]."""
+
+    @staticmethod
+    def forward(ctx, y, sizes, group):
+        ctx.sizes, ctx.group = sizes, group
+        return _from_heads(y, sizes, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _to_heads(_pack((g,), dist.get_world_size(ctx.group)), ctx.sizes, ctx.group)[:, :, 0], None, None
+
+
+def ulysses_attention(q, k, v, sizes: list[int], group, attention):
+    """q, k, v [B, S_local, H, d] of this rank's tokens -> attention output [B, S_local, H, d] over the tokens of
+    all SP ranks (rank r holds sizes[r] tokens). `attention(q, k, v)` works on [B, S, heads, d]."""
+    if q.shape[-2] % dist.get_world_size(group):
+        raise ValueError(f"{q.shape[-2]} local attention heads cannot be split over "
+                         f"{dist.get_world_size(group)} sequence-parallel ranks")
+    qkv = _QKVToHeads.apply(q, k, v, sizes, group)  # [B, S_total, 3, H/SP, d]
+    out = attention(*qkv.unbind(2))
+    return _FromHeads.apply(out, sizes, group)
+
+
+def full_attention(q, k, v):
+    """Full attention; q, k, v [B, S, heads, d] (any strides) -> [B, S, heads, d].
+
+    SDPA reads them through transposed views: no copy into [B, heads, S, d] (the CPU flash kernel runs as fast on
+    these strides), and its output comes back in [B, S, heads, d] memory order, ready for the projection."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from cogvx_ds.models.dit.fused import Linear, PatchConv
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, shift: float = 0,
                        max_period: float = 10000.0) -> torch.Tensor:
@@ -33,15 +35,17 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, patch_size: int, in_channels: int, dim: int, text_embed_dim: int):
         super().__init__()
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
-        self.text_proj = nn.Linear(text_embed_dim, dim)
+        self.proj = PatchConv(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.text_proj = Linear(text_embed_dim, dim)
 
-    def forward(self, latents: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """latents [B, F, C, H, W], text [B, L, D_text] -> video tokens [B, F*h*w, D] in (f, h, w) order, text."""
-        b, f = latents.shape[:2]
-        x = self.proj(latents.flatten(0, 1))  # [B*F, D, h, w]
-        x = x.flatten(2).transpose(1, 2).reshape(b, -1, x.shape[1])
-        return x, self.text_proj(text)
+    def forward(self, latents: torch.Tensor, text: torch.Tensor, compute: torch.dtype | None = None,
+                token_range: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """latents [B, F, C, H, W], text [B, L, D_text] -> video tokens [B, F*h*w, D] in (f, h, w) order (only
+        those in `token_range` if given), text. `compute`: run the projections in this dtype (half-precision CPU
+        fallback) and return the input's."""
+        dtype, compute = latents.dtype, compute or latents.dtype
+        video = self.proj(latents.to(compute), *(token_range or (None, None)))
+        return video.to(dtype), self.text_proj(text.to(compute)).to(dtype)
 
 
 def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -85,10 +89,3 @@ def rope_3d(head_dim: int, frames: int, height: int, width: int, theta: float = 
     w = axis(d_w, width)[None, None].expand(frames, height, -1, -1)
     angles = torch.cat([t, h, w], -1).reshape(frames * height * width, head_dim)
     return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, L, heads, d]; cos/sin [L, d]. Rotation in float32, result in x's dtype."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], -1).flatten(-2)
-    return (x.float() * cos[:, None] + rotated * sin[:, None]).to(x.dtype)

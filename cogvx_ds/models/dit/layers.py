@@ -1,4 +1,9 @@
-"""The expert-AdaLN transformer block with Megatron-core tensor-parallel attention and MLP."""
+"""The expert-AdaLN transformer block with Megatron-core tensor-parallel attention and MLP.
+
+A block works on one stream [text tokens; video tokens] ([B, S, D], text first): the linear layers see all
+tokens in one matmul, and the per-modality parts (expert AdaLN, gates, RoPE) are applied segment-wise by the
+fused Functions in `fused.py` without splitting and re-joining the stream.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,10 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from torch import nn
 
 from cogvx_ds.config import ModelConfig
-from cogvx_ds.models.dit.embeddings import apply_rope
+from cogvx_ds.models.dit.fused import ada_layer_norm, apply_rope_stream, gated_residual
 from cogvx_ds.parallel import state
 from cogvx_ds.parallel.comm import copy_to_group
-from cogvx_ds.parallel.ulysses import UlyssesJointAttention, joint_attention
+from cogvx_ds.parallel.ulysses import full_attention, ulysses_attention
 
 
 def megatron_config(tp: int) -> ModelParallelConfig:
@@ -27,21 +32,50 @@ def _no_init(_weight):
     return None
 
 
+def _linear_impl(forward_impl, input, weight, **kwargs):
+    # A float32 input with half weights: the CPU fallback of `model.cpu_half_compute` (see fused.compute_dtype);
+    # the matmul runs in float32 from the half storage and gradients flow back to the half weights.
+    if weight.dtype != input.dtype:
+        weight = weight.to(input.dtype)
+        if kwargs.get("bias") is not None:
+            kwargs["bias"] = kwargs["bias"].to(input.dtype)
+    return forward_impl(input=input, weight=weight, **kwargs)
+
+
 class ColumnLinear(ColumnParallelLinear):
     """Megatron's ColumnParallelLinear; a plain linear when there is no process group at all (no TP group to
-    talk to, which Megatron's mappings assert on)."""
+    talk to, which Megatron's mappings assert on). The matmul runs in the input's dtype."""
 
     def forward(self, x):
         if self.tp_group is None:
-            return F.linear(x, self.weight, self.bias), None
+            return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None), None
         return super().forward(x)
+
+    def _forward_impl(self, input, weight, **kwargs):
+        return _linear_impl(super()._forward_impl, input, weight, **kwargs)
 
 
 class RowLinear(RowParallelLinear):
     def forward(self, x):
         if self.tp_group is None:
-            return F.linear(x, self.weight, self.bias), None
+            return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None), None
         return super().forward(x)
+
+    def _forward_impl(self, input, weight, **kwargs):
+        return _linear_impl(super()._forward_impl, input, weight, **kwargs)
+
+
+def _to(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return x if dtype is None else x.to(dtype)
+
+
+class ModulatedLayerNorm(nn.LayerNorm):
+    """LayerNorm followed by a (scale, shift) modulation per sample and modality, fused (fused.ada_layer_norm).
+    Its own module, so that ZeRO-3 gathers its weights when it runs."""
+
+    def forward(self, x, n_text, text_scale, text_shift, video_scale, video_shift):
+        return ada_layer_norm(x, n_text, self.weight, self.bias, self.eps, text_scale, text_shift, video_scale,
+                              video_shift)
 
 
 class ExpertAdaLN(nn.Module):
@@ -50,13 +84,12 @@ class ExpertAdaLN(nn.Module):
     def __init__(self, time_embed_dim: int, dim: int, eps: float, affine: bool):
         super().__init__()
         self.linear = nn.Linear(time_embed_dim, 6 * dim)
-        self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=affine)
+        self.norm = ModulatedLayerNorm(dim, eps=eps, elementwise_affine=affine)
 
-    def forward(self, video, text, temb):
-        shift, scale, gate, t_shift, t_scale, t_gate = self.linear(F.silu(temb))[:, None].chunk(6, dim=-1)
-        video = self.norm(video) * (1 + scale) + shift
-        text = self.norm(text) * (1 + t_scale) + t_shift
-        return video, text, gate, t_gate
+    def forward(self, x, n_text, temb):
+        """x: the [text; video] stream -> (modulated stream, text gate, video gate)."""
+        shift, scale, gate, t_shift, t_scale, t_gate = self.linear(F.silu(temb)).chunk(6, dim=-1)
+        return self.norm(x, n_text, t_scale, t_shift, scale, shift), t_gate, gate
 
 
 class HeadLayerNorm(nn.LayerNorm):
@@ -66,7 +99,9 @@ class HeadLayerNorm(nn.LayerNorm):
     def forward(self, x):
         group = state.tp_group()
         w, b = copy_to_group(self.weight, group), copy_to_group(self.bias, group)
-        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+        # x is a strided view of the fused qkv output. Making it contiguous here would spare LayerNorm's backward
+        # one copy but keep a second [tokens, heads, d] tensor alive for backward; memory matters more.
+        return F.layer_norm(x, self.normalized_shape, w.to(x.dtype), b.to(x.dtype), self.eps)
 
 
 class Attention(nn.Module):
@@ -77,25 +112,27 @@ class Attention(nn.Module):
         self.local_heads = cfg.num_attention_heads // tp
         # Fused QKV: this rank's shard is [q; k; v] of its own heads (see cogvx_ds.checkpoint.layout).
         self.qkv = ColumnLinear(dim, 3 * dim, config=mp, init_method=_no_init, bias=cfg.attention_bias,
-                                        gather_output=False, tp_group=state.tp_group())
+                                gather_output=False, tp_group=state.tp_group())
         self.norm_q = HeadLayerNorm(self.head_dim, eps=1e-6)
         self.norm_k = HeadLayerNorm(self.head_dim, eps=1e-6)
         self.proj = RowLinear(dim, dim, config=mp, init_method=_no_init, bias=True,
-                                      input_is_parallel=True, skip_bias_add=False, tp_group=state.tp_group())
-        self.ulysses = UlyssesJointAttention(state.sp_group()) if state.sp_size() > 1 else None
+                              input_is_parallel=True, skip_bias_add=False, tp_group=state.tp_group())
 
-    def forward(self, text, video, rope=None):
-        b, n_text = text.shape[:2]
-        qkv, _ = self.qkv(torch.cat([text, video], 1))
+    def forward(self, x, n_text, rope=None, compute=None, sp_sizes=None):
+        """x [B, S, D] stream; rope: RoPE tables of the whole stream (fused.rope_tables). With `compute`
+        set (the half-precision CPU fallback) the whole sublayer runs in that dtype; returns x's dtype. Under SP,
+        sp_sizes[r] is the stream length of SP rank r (parallel.ulysses)."""
+        qkv, _ = self.qkv(_to(x, compute))
         q, k, v = qkv.unflatten(-1, (3, self.local_heads, self.head_dim)).unbind(2)
         q, k = self.norm_q(q), self.norm_k(k)
-        qt, kt, vt, qv, kv, vv = q[:, :n_text], k[:, :n_text], v[:, :n_text], q[:, n_text:], k[:, n_text:], v[:, n_text:]
-        if rope is not None:  # video tokens only
-            qv, kv = apply_rope(qv, *rope), apply_rope(kv, *rope)
-        attend = self.ulysses if self.ulysses is not None else joint_attention
-        out_t, out_v = attend(qt, kt, vt, qv, kv, vv)
-        out, _ = self.proj(torch.cat([out_t, out_v], 1).flatten(2))
-        return out[:, :n_text], out[:, n_text:]
+        if rope is not None:
+            q, k = apply_rope_stream(q, rope), apply_rope_stream(k, rope)
+        if sp_sizes is None:
+            out = full_attention(q, k, v)
+        else:
+            out = ulysses_attention(q, k, v, sp_sizes, state.sp_group(), full_attention)
+        out, _ = self.proj(out.flatten(2))
+        return out.to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -103,14 +140,14 @@ class MLP(nn.Module):
         super().__init__()
         dim = cfg.inner_dim
         self.fc1 = ColumnLinear(dim, 4 * dim, config=mp, init_method=_no_init, bias=True,
-                                        gather_output=False, tp_group=state.tp_group())
+                                gather_output=False, tp_group=state.tp_group())
         self.fc2 = RowLinear(4 * dim, dim, config=mp, init_method=_no_init, bias=True,
-                                     input_is_parallel=True, skip_bias_add=False, tp_group=state.tp_group())
+                             input_is_parallel=True, skip_bias_add=False, tp_group=state.tp_group())
 
-    def forward(self, x):
-        h, _ = self.fc1(x)
+    def forward(self, x, compute=None):
+        h, _ = self.fc1(_to(x, compute))
         out, _ = self.fc2(F.gelu(h, approximate="tanh"))
-        return out
+        return out.to(x.dtype)
 
 
 class ExpertBlock(nn.Module):
@@ -122,11 +159,9 @@ class ExpertBlock(nn.Module):
         self.norm2 = ExpertAdaLN(cfg.time_embed_dim, dim, cfg.norm_eps, cfg.norm_elementwise_affine)
         self.mlp = MLP(cfg, mp)
 
-    def forward(self, video, text, temb, rope=None):
-        n_text = text.shape[1]
-        nv, nt, gate, t_gate = self.norm1(video, text, temb)
-        at, av = self.attn(nt, nv, rope)
-        video, text = video + gate * av, text + t_gate * at
-        nv, nt, gate, t_gate = self.norm2(video, text, temb)
-        ff = self.mlp(torch.cat([nt, nv], 1))
-        return video + gate * ff[:, n_text:], text + t_gate * ff[:, :n_text]
+    def forward(self, x, temb, n_text: int, rope=None, compute=None, sp_sizes=None):
+        """x: [B, n_text + video tokens, D], text first (under SP: this rank's slices of both)."""
+        h, t_gate, gate = self.norm1(x, n_text, temb)
+        x = gated_residual(x, self.attn(h, n_text, rope, compute, sp_sizes), n_text, t_gate, gate)
+        h, t_gate, gate = self.norm2(x, n_text, temb)
+        return gated_residual(x, self.mlp(h, compute), n_text, t_gate, gate)

@@ -9,28 +9,31 @@ from torch.utils.checkpoint import checkpoint
 
 from cogvx_ds.config import ModelConfig, validate_model
 from cogvx_ds.models.dit.embeddings import PatchEmbed, TimestepMLP, rope_3d, sincos_3d, timestep_embedding
-from cogvx_ds.models.dit.layers import ExpertBlock, megatron_config
+from cogvx_ds.models.dit.fused import Linear, compute_dtype, rope_tables
+from cogvx_ds.models.dit.layers import ExpertBlock, ModulatedLayerNorm, megatron_config
 from cogvx_ds.parallel import state
 from cogvx_ds.parallel.comm import copy_to_group, gather_along_dim
 
 
 class FinalAdaLN(nn.Module):
+    """LayerNorm * (1 + scale) + shift with one (scale, shift) for all tokens."""
+
     def __init__(self, time_embed_dim: int, dim: int, eps: float, affine: bool):
         super().__init__()
         self.linear = nn.Linear(time_embed_dim, 2 * dim)
-        self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=affine)
+        self.norm = ModulatedLayerNorm(dim, eps=eps, elementwise_affine=affine)
 
-    def forward(self, x, temb):
-        shift, scale = self.linear(F.silu(temb))[:, None].chunk(2, dim=-1)
-        return self.norm(x) * (1 + scale) + shift
+    def forward(self, x, n_text, temb):
+        shift, scale = self.linear(F.silu(temb)).chunk(2, dim=-1)
+        return self.norm(x, n_text, scale, shift, scale, shift)
 
 
 class CogVideoXTransformer(nn.Module):
     """`forward(latents [B,F,C,H,W], text [B,L,D_text], timestep [B]) -> v prediction [B,F,C,H,W]`.
 
     Parallelism comes from `cogvx_ds.parallel.state` at construction: TP shards the attention heads and the MLP
-    (Megatron Column/RowParallelLinear), SP shards the video tokens (Ulysses). Without torch.distributed it is a
-    plain single-process model. Weights are filled by `init_weights()` or the loaders; build with `from_config`.
+    (Megatron Column/RowParallelLinear), SP shards the video and the text tokens (Ulysses all-to-alls in
+    `cogvx_ds.parallel.ulysses`). Without torch.distributed it is a plain single-process model. Weights are filled by `init_weights()` or the loaders; build with `from_config`.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -42,9 +45,12 @@ class CogVideoXTransformer(nn.Module):
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_channels, dim, cfg.text_embed_dim)
         self.time_embedding = TimestepMLP(dim, cfg.time_embed_dim)
         self.blocks = nn.ModuleList([ExpertBlock(cfg, mp) for _ in range(cfg.num_layers)])
+        if cfg.compile_blocks:
+            for block in self.blocks:
+                block.compile()  # in place: parameter names (checkpoints, ZeRO) stay those of the eager module
         self.norm_final = nn.LayerNorm(dim, eps=cfg.norm_eps, elementwise_affine=cfg.norm_elementwise_affine)
         self.norm_out = FinalAdaLN(cfg.time_embed_dim, dim, cfg.norm_eps, cfg.norm_elementwise_affine)
-        self.proj_out = nn.Linear(dim, cfg.patch_size**2 * cfg.out_channels)
+        self.proj_out = Linear(dim, cfg.patch_size**2 * cfg.out_channels)
         self._pos_cache: dict = {}
 
     # ---- construction / weights (implemented in cogvx_ds.checkpoint) ----
@@ -88,6 +94,21 @@ class CogVideoXTransformer(nn.Module):
                 self._pos_cache[key] = ("sincos", pos.to(device))
         return self._pos_cache[key]
 
+    def _stream_rope(self, frames: int, h: int, w: int, n_text: int, start: int, end: int, device):
+        """RoPE tables for this rank's [text; video[start:end]] stream (text rows: identity)."""
+        key = ("stream", frames, h, w, n_text, start, end, str(device))
+        if key not in self._pos_cache:
+            _, cos, sin = self._positions(frames, h, w, device)
+            self._pos_cache[key] = rope_tables(cos[start:end], sin[start:end], n_text)
+        return self._pos_cache[key]
+
+    @staticmethod
+    def local_text_range(num_text: int) -> tuple[int, int]:
+        """The slice of text tokens this SP rank holds: as even as possible, the first ranks take one more."""
+        sp, rank = state.sp_size(), state.sp_rank()
+        start = rank * (num_text // sp) + min(rank, num_text % sp)
+        return start, start + num_text // sp + (rank < num_text % sp)
+
     def local_token_range(self, num_tokens: int) -> tuple[int, int]:
         """The slice of video tokens (in (f, h, w) order) this SP rank holds."""
         sp = state.sp_size()
@@ -121,28 +142,40 @@ class CogVideoXTransformer(nn.Module):
         p = cfg.patch_size
         if height % p or width % p:
             raise ValueError(f"latent height/width ({height}x{width}) must be divisible by patch_size {p}")
-        sp_group = state.sp_group()
+        sp_group, sp = state.sp_group(), state.sp_size()
         # Inputs are replicated over SP but each rank uses its own tokens: sum their gradients over SP.
         hidden_states = copy_to_group(hidden_states, sp_group)
         encoder_hidden_states = copy_to_group(encoder_hidden_states, sp_group)
         dtype = self.proj_out.weight.dtype
         temb = self.time_embedding(timestep_embedding(timestep, cfg.inner_dim, cfg.flip_sin_to_cos,
                                                       cfg.freq_shift).to(dtype))
-        video, text = self.patch_embed(hidden_states.to(dtype), encoder_hidden_states.to(dtype))
-        start, end = self.local_token_range(video.shape[1])
+        compute = compute_dtype(cfg.cpu_half_compute, dtype, hidden_states.device)
+        # Under SP each rank embeds and runs only its own slice of the video tokens and of the text tokens.
+        n_video, n_text_all = frames * (height // p) * (width // p), encoder_hidden_states.shape[1]
+        start, end = self.local_token_range(n_video)
+        t_start, t_end = self.local_text_range(n_text_all)
+        video, text = self.patch_embed(hidden_states.to(dtype), encoder_hidden_states[:, t_start:t_end].to(dtype),
+                                       compute, (start, end))
+        n_text = t_end - t_start
         pos = self._positions(frames, height // p, width // p, video.device)
         rope = None
         if pos[0] == "sincos":
-            video = video[:, start:end] + pos[1][start:end].to(dtype)[None]
+            video = video + pos[1][start:end].to(dtype)[None]
         else:
-            video = video[:, start:end]
-            rope = (pos[1][start:end], pos[2][start:end])
+            rope = self._stream_rope(frames, height // p, width // p, n_text, start, end, video.device)
+        sp_sizes = None
+        if sp > 1:  # every rank's stream length, for the Ulysses all-to-alls
+            sp_sizes = [n_text_all // sp + (r < n_text_all % sp) + (end - start) for r in range(sp)]
+        x = torch.cat([text, video], 1)  # one [text; video] stream through all blocks
         for block in self.blocks:
             if cfg.activation_checkpointing and torch.is_grad_enabled():
-                video, text = checkpoint(block, video, text, temb, rope, use_reentrant=False)
+                x = checkpoint(block, x, temb, n_text, rope, compute, sp_sizes, use_reentrant=False)
             else:
-                video, text = block(video, text, temb, rope)
-        out = self.proj_out(self.norm_out(self.norm_final(video), temb))
+                x = block(x, temb, n_text, rope, compute, sp_sizes)
+        # The final layers run on the whole stream and the text rows are dropped after the narrow output
+        # projection: cheaper than slicing the wide stream (whose backward writes a full-width zero tensor).
+        out = self.norm_out(self.norm_final(x), n_text, temb)
+        out = self.proj_out(out if compute is None else out.to(compute)).to(dtype)[:, n_text:]
         if not gather_output:
             return out
         out = gather_along_dim(out, dim=1, group=sp_group, grad_mode="split")

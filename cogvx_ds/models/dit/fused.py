@@ -1,0 +1,204 @@
+"""Hand-fused pieces of the expert block, written as autograd Functions.
+
+The block works on one stream [text tokens; video tokens] of shape [B, S, D]. The expert AdaLN and the gated
+residuals apply one set of per-sample vectors to the first `n_text` tokens and another to the rest. Written with
+slices and `cat`, autograd pays for it in both directions: every slice's backward allocates a zero tensor of the
+full stream and copies into it, every `cat` copies. These Functions write each segment straight into one output
+and save only what their backward needs (benchmarks/dit_step.py prints the per-op breakdown).
+
+Also here: RoPE as one Function over the whole stream (text rows carry the identity rotation), and the choice of
+the compute dtype for matmul-type ops of half-precision models on CPUs without native bf16/fp16 kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _segments(n_text: int):
+    return slice(None, n_text), slice(n_text, None)
+
+
+class _AdaLayerNorm(torch.autograd.Function):
+    """y = LayerNorm(x; weight, bias) * (1 + scale) + shift, with (scale, shift) [B, D] per sample: text_* on
+    tokens [:n_text], video_* on the rest.
+
+    Per sample and segment the modulation folds into the LayerNorm's affine (W = weight * (1 + scale),
+    B = bias * (1 + scale) + shift), so the backward is one native LayerNorm backward per segment, whose
+    grad_weight / grad_bias reductions are exactly the sums the modulation gradients need. Saves x and the
+    LayerNorm statistics only (not the normalised tensor)."""
+
+    @staticmethod
+    def forward(ctx, x, n_text, weight, bias, eps, text_scale, text_shift, video_scale, video_shift):
+        y, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], None, None, eps)
+        affine = []
+        for sl, scale, shift in zip(_segments(n_text), (text_scale, video_scale), (text_shift, video_shift)):
+            w = 1 + scale if weight is None else weight * (1 + scale)
+            b = shift if bias is None else torch.addcmul(shift, bias, 1 + scale)
+            ys = y[:, sl]
+            torch.addcmul(b[:, None], ys, w[:, None], out=ys)
+            affine.append((w, b))
+        ctx.n_text, ctx.has_weight, ctx.has_bias = n_text, weight is not None, bias is not None
+        ctx.save_for_backward(x, mean, rstd, weight, bias, text_scale, video_scale, *affine[0], *affine[1])
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, mean, rstd, weight, bias, text_scale, video_scale, tw, tb, vw, vb = ctx.saved_tensors
+        segments = list(zip(_segments(ctx.n_text), (text_scale, video_scale), (tw, vw), (tb, vb)))
+        parts, g_scale, g_shift = [], [[], []], [[], []]
+        g_weight = None if weight is None else torch.zeros_like(weight)
+        g_bias = None if bias is None else torch.zeros_like(bias)
+        for i in range(x.shape[0]):
+            for k, (sl, scale, w, b) in enumerate(segments):
+                if x[i, sl].shape[0] == 0:  # no tokens of this modality on this rank (sequence parallelism)
+                    g_shift[k].append(torch.zeros_like(b[i]))
+                    g_scale[k].append(torch.zeros_like(w[i]))
+                    continue
+                gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
+                    g[i, sl], x[i, sl], x.shape[-1:], mean[i, sl], rstd[i, sl], w[i], b[i], [True, True, True])
+                parts.append(gx)
+                g_shift[k].append(gb)
+                g_scale[k].append((gw if weight is None else gw * weight) + (0 if bias is None else gb * bias))
+                if weight is not None:
+                    g_weight.addcmul_(gw, 1 + scale[i])
+                if bias is not None:
+                    g_bias.addcmul_(gb, 1 + scale[i])
+        gx = torch.cat(parts).view(x.shape)  # per sample: text rows then video rows, i.e. x's layout
+        return (gx, None, g_weight, g_bias, None, torch.stack(g_scale[0]), torch.stack(g_shift[0]),
+                torch.stack(g_scale[1]), torch.stack(g_shift[1]))
+
+
+class _GatedResidual(torch.autograd.Function):
+    """y = x + gate * a; gate is [B, D]: text_gate on tokens [:n_text], video_gate on the rest."""
+
+    @staticmethod
+    def forward(ctx, x, a, n_text, text_gate, video_gate):
+        y = torch.empty_like(x)
+        for sl, gate in zip(_segments(n_text), (text_gate, video_gate)):
+            torch.addcmul(x[:, sl], a[:, sl], gate[:, None], out=y[:, sl])
+        ctx.n_text = n_text
+        ctx.save_for_backward(a, text_gate, video_gate)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        a, text_gate, video_gate = ctx.saved_tensors
+        ga = torch.empty_like(a)
+        g_gates = []
+        for sl, gate in zip(_segments(ctx.n_text), (text_gate, video_gate)):
+            gs = g[:, sl]
+            torch.mul(gs, gate[:, None], out=ga[:, sl])
+            g_gates.append((gs * a[:, sl]).sum(1))
+        return g, ga, None, *g_gates
+
+
+def ada_layer_norm(x, n_text, weight, bias, eps, text_scale, text_shift, video_scale, video_shift):
+    return _AdaLayerNorm.apply(x, n_text, weight, bias, eps, text_scale, text_shift, video_scale, video_shift)
+
+
+def gated_residual(x, a, n_text, text_gate, video_gate):
+    return _GatedResidual.apply(x, a, n_text, text_gate, video_gate)
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _as_complex(x: torch.Tensor) -> torch.Tensor:
+    """[..., d] real (channel pairs (2i, 2i+1)) -> [..., d/2] complex view (a float32 copy only if needed)."""
+    x = _at_least_fp32(x).unflatten(-1, (-1, 2))
+    if x.stride(-1) != 1 or any(st % 2 for st in x.stride()[:-1]) or x.storage_offset() % 2:
+        x = x.contiguous()
+    return torch.view_as_complex(x)
+
+
+def _rotate(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate the channel pairs of x [B, S, H, d] by the angles of table [S, d/2, 2] (cos, sin); float32 out."""
+    if not torch.compiler.is_compiling():  # eager: one complex multiply, a single vectorised pass
+        return torch.view_as_real(_as_complex(x) * torch.view_as_complex(table)[:, None]).flatten(-2)
+    # compiled (inductor cannot trace complex views): the same in real arithmetic, which it fuses
+    x0, x1 = _at_least_fp32(x).unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = table[:, None].unbind(-1)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2)
+
+
+class _Rope(torch.autograd.Function):
+    """RoPE on interleaved channel pairs (2i, 2i+1) of x [B, S, H, d]; tables [2, S, d/2, 2]: the rotation and
+    its inverse (see `rope_tables`). Computed in float32, returned in `out_dtype`; the backward is the inverse
+    rotation and saves only the tables."""
+
+    @staticmethod
+    def forward(ctx, x, tables, out_dtype):
+        ctx.save_for_backward(tables)
+        ctx.in_dtype = x.dtype
+        return _rotate(x, tables[0]).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        (tables,) = ctx.saved_tensors
+        return _rotate(g, tables[1]).to(ctx.in_dtype), None, None
+
+
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor, n_text: int) -> torch.Tensor:
+    """Rotation tables of the whole [text; video] stream, [2, n_text + N, d/2, 2] float32: (cos, sin) and the
+    inverse (cos, -sin), from the video tokens' RoPE tables (cos/sin [N, d], each value repeated on its pair
+    (2i, 2i+1)); text rows rotate by 0."""
+    video = torch.stack([cos[:, ::2], sin[:, ::2]], -1).float()
+    text = torch.zeros(n_text, *video.shape[1:], dtype=video.dtype, device=video.device)
+    text[..., 0] = 1.0
+    table = torch.cat([text, video])
+    return torch.stack([table, table * torch.tensor([1.0, -1.0], dtype=table.dtype, device=table.device)])
+
+
+def apply_rope_stream(x: torch.Tensor, table: torch.Tensor, out_dtype=None) -> torch.Tensor:
+    return _Rope.apply(x, table, out_dtype or x.dtype)
+
+
+# ---- half precision on CPUs without native kernels ----------------------------------------------------------------
+
+def native_half_supported(dtype: torch.dtype) -> bool:
+    """Whether oneDNN has native kernels for this half dtype on this CPU (bf16: AVX512 and up; fp16: AVX512-FP16
+    or AMX-FP16). Without them (AVX2-only CPUs) bf16 matmuls, attention and convs fall back to reference code that
+    runs 10-40x slower than fp32 (benchmarks/dit_step.py --bf16-native)."""
+    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
+    if probe is None:
+        return True
+    try:
+        return bool(getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def compute_dtype(mode: str, dtype: torch.dtype, device: torch.device) -> torch.dtype | None:
+    """float32 when matmul-type ops (linear, attention, patch conv) of a bf16/fp16 model should run in fp32 from
+    half storage (`model.cpu_half_compute`), else None (run in the model's dtype). Never on GPUs."""
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16) or mode == "native":
+        return None
+    if mode == "fp32" or not native_half_supported(dtype):
+        return torch.float32
+    return None
+
+
+class Linear(nn.Linear):
+    """nn.Linear computing in its input's dtype (float32 input, half weights: the CPU fallback above)."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class PatchConv(nn.Conv2d):
+    """The patch embedding (a Conv2d with kernel = stride = patch size, weights in Conv2d layout) computed as one
+    matmul over patchified latents [B, F, C, H, W] -> tokens [B, F*h*w, D] in (f, h, w) order: no im2col and no
+    transpose copy of the tokens. Computes in the input's dtype, like `Linear`."""
+
+    def forward(self, latents, start: int | None = None, end: int | None = None):
+        """Tokens [start, end) only, when given (a sequence-parallel rank's slice)."""
+        b, f, c, hh, ww = latents.shape
+        p, q = self.kernel_size
+        x = latents.reshape(b, f, c, hh // p, p, ww // q, q).permute(0, 1, 3, 5, 2, 4, 6).flatten(4).flatten(1, 3)
+        x = x[:, start:end]
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.flatten(1).to(x.dtype), bias)

@@ -1,0 +1,115 @@
+"""The DiT's hand-written autograd pieces and performance switches: parameter gradients equal diffusers', the
+fused Functions pass gradcheck, and `compile_blocks` / `cpu_half_compute` change speed, not results."""
+
+from functools import partial
+
+import pytest
+import torch
+from dit_helpers import SIZES, make_inputs, make_reference, reference_forward_backward
+
+from cogvx_ds.checkpoint.layout import diffusers_keys
+from cogvx_ds.config import ConfigError, ModelConfig, validate_model
+from cogvx_ds.models import CogVideoXTransformer
+from cogvx_ds.models.dit.fused import ada_layer_norm, apply_rope_stream, compute_dtype, gated_residual, rope_tables
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _forward_backward(model, x, text, t, probe):
+    model.zero_grad(set_to_none=True)
+    x, text = x.clone().requires_grad_(True), text.clone().requires_grad_(True)
+    out = model(x, text, t)
+    (out.float() * probe).sum().backward()
+    return out.detach(), x.grad, text.grad
+
+
+@pytest.mark.parametrize("kind", ["2b", "5b"])
+def test_every_parameter_gradient_matches_diffusers(kind, tmp_path):
+    ref = make_reference(kind)
+    ref.save_pretrained(tmp_path)
+    ours = CogVideoXTransformer.from_diffusers(tmp_path)
+    x, text, t, probe = make_inputs(kind, SIZES[0])
+    ref.zero_grad(set_to_none=True)
+    reference_forward_backward(ref, kind, x, text, t, probe)
+    _forward_backward(ours, x, text, t, probe)
+    ref_grads = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        keys = diffusers_keys(name)
+        want = torch.cat([ref_grads[k].grad for k in keys]) if len(keys) > 1 else ref_grads[keys[0]].grad
+        # floor 1 (as tests/test_dit_distributed.py): the key LayerNorm bias has an exactly-zero true gradient
+        # (softmax ignores a shift of all keys), so both sides hold rounding noise
+        err = ((p.grad.double() - want.double()).norm() / max(want.double().norm().item(), 1.0)).item()
+        assert err < 1e-5, (name, err)
+
+
+def test_fused_functions_pass_gradcheck():
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+
+    b, s, d, n_text = 2, 7, 6, 3
+    x, w, bias = r(b, s, d), r(d), r(d)
+    mods = [r(b, d) for _ in range(4)]
+    check = partial(torch.autograd.gradcheck, fast_mode=True)
+    assert check(lambda *a: ada_layer_norm(a[0], n_text, a[1], a[2], 1e-5, *a[3:]), (x, w, bias, *mods))
+    assert check(lambda *a: ada_layer_norm(a[0], n_text, None, None, 1e-5, *a[1:]), (x, *mods))
+    a, gates = r(b, s, d), [r(b, d) for _ in range(2)]
+    assert check(lambda *z: gated_residual(z[0], z[1], n_text, *z[2:]), (x, a, *gates))
+    angles = torch.rand(s - n_text, d // 2, generator=g, dtype=torch.float64) * 6
+    cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
+    table = rope_tables(cos, sin, n_text).double()
+    q = r(b, s, 2, d)
+    assert check(lambda z: apply_rope_stream(z, table), (q,))
+    with torch.no_grad():  # text rows untouched; video rows rotate pairs (2i, 2i+1) as in diffusers
+        out = apply_rope_stream(q, table)
+        assert torch.equal(out[:, :n_text], q[:, :n_text])
+        pairs = q[:, n_text:].unflatten(-1, (-1, 2))
+        rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], -1).flatten(-2)
+        want = q[:, n_text:] * cos[:, None] + rotated * sin[:, None]
+        torch.testing.assert_close(out[:, n_text:], want)
+
+
+def test_compiled_blocks_match_eager(tmp_path):
+    pytest.importorskip("torch._inductor")
+    make_reference("5b").save_pretrained(tmp_path)
+    eager = CogVideoXTransformer.from_diffusers(tmp_path)
+    compiled = CogVideoXTransformer.from_diffusers(tmp_path, compile_blocks=True)
+    assert [n for n, _ in eager.named_parameters()] == [n for n, _ in compiled.named_parameters()]
+    x, text, t, probe = make_inputs("5b", SIZES[0])
+    for _ in range(2):  # the second call runs the cached compiled graph
+        a, b = _forward_backward(eager, x, text, t, probe), _forward_backward(compiled, x, text, t, probe)
+    for u, v in zip(a, b):
+        assert _rel(v, u) < 1e-5
+    for (n, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        assert _rel(q.grad, p.grad) < 1e-4, n
+
+
+def test_cpu_half_compute_fallback_matches_native_bf16(tmp_path):
+    make_reference("5b").save_pretrained(tmp_path)
+    f32 = CogVideoXTransformer.from_diffusers(tmp_path)
+    fallback = CogVideoXTransformer.from_diffusers(tmp_path, dtype=torch.bfloat16, cpu_half_compute="fp32")
+    native = CogVideoXTransformer.from_diffusers(tmp_path, dtype=torch.bfloat16, cpu_half_compute="native")
+    x, text, t, probe = make_inputs("5b", SIZES[0])
+    want = _forward_backward(f32, x, text, t, probe)
+    got = _forward_backward(fallback, x.bfloat16(), text.bfloat16(), t, probe)
+    nat = _forward_backward(native, x.bfloat16(), text.bfloat16(), t, probe)
+    for w, g, n in zip(want, got, nat):
+        assert g.dtype == torch.bfloat16
+        assert _rel(g, w) < max(2 * _rel(n, w), 2e-2)  # as close to fp32 as native bf16 is (or closer)
+    for p in fallback.parameters():
+        assert p.dtype == p.grad.dtype == torch.bfloat16
+
+
+def test_cpu_half_compute_choice_and_validation():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert compute_dtype("fp32", torch.bfloat16, cpu) == torch.float32
+    assert compute_dtype("native", torch.bfloat16, cpu) is None
+    assert compute_dtype("fp32", torch.float32, cpu) is None
+    assert compute_dtype("fp32", torch.bfloat16, gpu) is None  # never on GPUs
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert compute_dtype("auto", torch.bfloat16, cpu) == (None if native else torch.float32)
+    with pytest.raises(ConfigError, match="model.cpu_half_compute"):
+        validate_model(ModelConfig(cpu_half_compute="fast"))
