@@ -14,7 +14,27 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["dit_step.py", "vae_encode.py", "encode_throughput.py"]
+BENCHES = ["dit_step.py", "vae_encode.py", "encode_throughput.py", "memory.py", "loader.py"]
+
+
+def memory_summary() -> list[str]:
+    """benchmarks/memory.py's measured-vs-analytic rows, then the analytic 2B/5B table (cogvx_ds.perf_model)."""
+    sys.path.insert(0, str(HERE.parent))
+    from cogvx_ds.perf_model import Clip, markdown
+
+    lines = []
+    mem = HERE / "results" / "memory.json"
+    if mem.is_file():
+        res = json.loads(mem.read_text())
+        lines += ["", "## Memory per rank, measured vs analytic (cogvx_ds.perf_model)", "",
+                  "| ZeRO-3 ranks | model states measured MiB | analytic MiB | measured/analytic |", "|---|---|---|---|"]
+        lines += [f"| {r['ranks']} | {r['measured_mib']:.2f} | {r['analytic_mib']:.2f} | {r['ratio']:.3f} |"
+                  for r in res["zero3"]]
+        lines += ["", "| SP | tokens | activations measured MiB | analytic MiB | measured / (SP=1 / SP) |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['sp']} | {r['tokens']} | {r['saved_mib']:.1f} | {r['analytic_mib']:.1f} | "
+                  f"{r.get('saved_vs_sp1_over_sp', float('nan')):.3f} |" for r in res["sp_activations"]]
+    return lines + ["", "## CogVideoX-2B / 5B FLOP and memory model", "", markdown(Clip())]
 
 
 def main(argv=None) -> int:
@@ -30,11 +50,23 @@ def main(argv=None) -> int:
     lines = ["# Benchmark summary", ""]
     dit = HERE / "results" / "dit_step.json"
     if dit.is_file():
-        lines += ["## DiT training step (forward + backward), ours vs diffusers", "",
-                  "| dtype | tokens | ours s | diffusers s | diffusers/ours | % of matmul peak |", "|---|---|---|---|---|---|"]
+        lines += ["## DiT training step (forward + backward + AdamW), ours vs diffusers, interleaved", "",
+                  "| dtype | ours | tokens | ours s | diffusers s | diffusers/ours | tokens/s | model % of fp32 peak "
+                  "| matmuls % of peak | large matmuls % of peak |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in json.loads(dit.read_text())["rows"]:
-            lines.append(f"| {r['dtype']} | {r['tokens']} | {r['ours_s']:.3f} | {r['diffusers_s']:.3f} | "
-                         f"{r['speedup']:.2f}x | {r['ours_pct_peak']:.0f}% |")
+            lin = " | ".join(f"{r[k]:.0f}%" if k in r else "-" for k in ("linear_pct_peak", "large_linear_pct_peak"))
+            lines.append(f"| {r['dtype']} | {r.get('variant', 'ours')} | {r['tokens']} | {r['ours_s']:.3f} | "
+                         f"{r['diffusers_s']:.3f} | {r['speedup']:.2f}x | {r.get('ours_tokens_per_s', 0):.0f} | "
+                         f"{r['ours_pct_peak']:.0f}% | {lin} |")
+    lines += memory_summary()
+    loader = HERE / "results" / "loader.json"
+    if loader.is_file():
+        r = json.loads(loader.read_text())
+        lines += ["", "## Latent data loader vs one training step", "",
+                  "| config | loader samples/s | step consumes samples/s | loader/step | waiting for data |",
+                  "|---|---|---|---|---|",
+                  f"| {r['config']} | {r['loader_samples_per_s']:.0f} | {r['step_samples_per_s']:.1f} | "
+                  f"{r['ratio']:.1f}x | {r['data_wait_fraction']:.1%} |"]
     for name in ("vae_encode", "encode_throughput"):
         path = HERE / "results" / f"{name}.json"
         if path.is_file():

@@ -1,0 +1,316 @@
+"""Analytic FLOP and memory model of our expert transformer (`cogvx_ds.models.CogVideoXTransformer`).
+
+    python -m cogvx_ds.perf_model                    # the 2B / 5B table at 49x480x720
+    python -m cogvx_ds.perf_model --frames 49 --height 768 --width 1360
+
+What it models, for one ModelConfig and one clip shape:
+- parameters: an inventory of every weight with its shape and how TP splits it (checked against the real
+  model built on the meta device, exactly);
+- FLOPs per training sample: the matmuls (linear layers, the patch convolution and attention), forward and
+  backward (checked against torch's FlopCounterMode on a tiny model, exactly);
+- activation memory: what autograd keeps alive for backward, per layer and in total, with and without activation
+  checkpointing, for any SP and TP degree. The counts follow *our* block tensor by tensor (see
+  `_layer_saved`), not an idealised transformer;
+- per-GPU memory for DP x SP x TP with ZeRO stage 0-3 and CPU offload: bf16 parameters and gradients, fp32 master
+  weights and Adam moments (16 bytes per parameter before partitioning), ZeRO-3's persistent small parameters and
+  reduce bucket, plus activations.
+
+Conventions: bytes are bytes (GiB = 2**30); micro-batch 1 unless given; "d" is the model width.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+from cogvx_ds.config import ModelConfig, load_config
+
+GiB = 2**30
+
+
+# --------------------------------------------------------------------------------------------------- shapes
+@dataclass(frozen=True)
+class Clip:
+    """A video clip in pixels; latents are 8x smaller in space and 4k+1 -> k+1 in time (the CogVideoX VAE)."""
+
+    frames: int = 49
+    height: int = 480
+    width: int = 720
+    vae_spatial: int = 8
+
+    def tokens(self, m: ModelConfig) -> tuple[int, int]:
+        """(text tokens, video tokens) of one sample."""
+        f = (self.frames - 1) // m.temporal_compression_ratio + 1
+        h = self.height // self.vae_spatial // m.patch_size
+        w = self.width // self.vae_spatial // m.patch_size
+        return m.max_text_seq_length, f * h * w
+
+
+# --------------------------------------------------------------------------------------------------- parameters
+@dataclass(frozen=True)
+class Param:
+    name: str
+    shape: tuple[int, ...]
+    tp_dim: int | None = None  # the dim TP splits (Megatron column: 0, row: 1), None when replicated
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def numel_per_tp_rank(self, tp: int) -> int:
+        return self.numel // tp if self.tp_dim is not None else self.numel
+
+
+def param_inventory(m: ModelConfig) -> list[Param]:
+    """Every parameter of CogVideoXTransformer, named as in `named_parameters()`, full (TP=1) shapes."""
+    d, t, hd = m.inner_dim, m.time_embed_dim, m.attention_head_dim
+    pc = m.patch_size**2
+    ps = [Param("patch_embed.proj.weight", (d, m.in_channels, m.patch_size, m.patch_size)),
+          Param("patch_embed.proj.bias", (d,)),
+          Param("patch_embed.text_proj.weight", (d, m.text_embed_dim)), Param("patch_embed.text_proj.bias", (d,)),
+          Param("time_embedding.linear_1.weight", (t, d)), Param("time_embedding.linear_1.bias", (t,)),
+          Param("time_embedding.linear_2.weight", (t, t)), Param("time_embedding.linear_2.bias", (t,))]
+    for i in range(m.num_layers):
+        b = f"blocks.{i}."
+        for norm in ("norm1", "norm2"):
+            ps += [Param(b + norm + ".linear.weight", (6 * d, t)), Param(b + norm + ".linear.bias", (6 * d,))]
+            if m.norm_elementwise_affine:
+                ps += [Param(b + norm + ".norm.weight", (d,)), Param(b + norm + ".norm.bias", (d,))]
+        ps.append(Param(b + "attn.qkv.weight", (3 * d, d), 0))
+        if m.attention_bias:
+            ps.append(Param(b + "attn.qkv.bias", (3 * d,), 0))
+        for qk in ("norm_q", "norm_k"):
+            ps += [Param(b + f"attn.{qk}.weight", (hd,)), Param(b + f"attn.{qk}.bias", (hd,))]
+        ps += [Param(b + "attn.proj.weight", (d, d), 1), Param(b + "attn.proj.bias", (d,)),
+               Param(b + "mlp.fc1.weight", (4 * d, d), 0), Param(b + "mlp.fc1.bias", (4 * d,), 0),
+               Param(b + "mlp.fc2.weight", (d, 4 * d), 1), Param(b + "mlp.fc2.bias", (d,))]
+    if m.norm_elementwise_affine:
+        ps += [Param("norm_final.weight", (d,)), Param("norm_final.bias", (d,))]
+    ps += [Param("norm_out.linear.weight", (2 * d, t)), Param("norm_out.linear.bias", (2 * d,))]
+    if m.norm_elementwise_affine:
+        ps += [Param("norm_out.norm.weight", (d,)), Param("norm_out.norm.bias", (d,))]
+    ps += [Param("proj_out.weight", (pc * m.out_channels, d)), Param("proj_out.bias", (pc * m.out_channels,))]
+    return ps
+
+
+def param_count(m: ModelConfig, tp: int = 1) -> int:
+    """Parameters of the whole model (tp=1) or held by one TP rank."""
+    return sum(p.numel_per_tp_rank(tp) for p in param_inventory(m))
+
+
+# --------------------------------------------------------------------------------------------------- FLOPs
+def flops_per_sample(m: ModelConfig, n_text: int, n_video: int, recompute: bool = False) -> dict:
+    """Matmul FLOPs (multiply-add = 2) of one sample: forward, backward, total.
+
+    Backward is twice the forward, except for the three layers whose inputs need no gradient (patch
+    convolution, text projection and the first timestep linear: weight gradient only). Attention backward is
+    counted as four S x S matmuls (twice the forward); real flash kernels also recompute Q K^T. With activation
+    checkpointing (`recompute`) the blocks run their forward once more during backward.
+    """
+    d, t, p2 = m.inner_dim, m.time_embed_dim, m.patch_size**2
+    s = n_text + n_video
+    no_input_grad = 2 * n_video * m.in_channels * p2 * d + 2 * n_text * m.text_embed_dim * d + 2 * d * t
+    # time linear_2, norm_out's linear, proj_out (on the whole stream: the text rows are dropped after it)
+    other = 2 * t * t + 2 * t * 2 * d + 2 * s * d * p2 * m.out_channels
+    layer_linear = 2 * s * d * (3 * d + d + 8 * d) + 2 * 2 * t * 6 * d  # qkv, proj, MLP, two AdaLN linears
+    layer_attention = 2 * 2 * s * s * d  # Q K^T and P V over all heads
+    layer = layer_linear + layer_attention
+    forward = no_input_grad + other + m.num_layers * layer
+    backward = no_input_grad + 2 * (other + m.num_layers * layer)
+    extra = m.num_layers * layer if recompute else 0
+    return {"forward": forward, "backward": backward, "recompute": extra, "total": forward + backward + extra,
+            "attention_fraction": 3 * m.num_layers * layer_attention / (forward + backward)}
+
+
+# --------------------------------------------------------------------------------------------------- activations
+def _layer_saved(m: ModelConfig, n_text: int, n_video: int, sp: int, tp: int, dtype_bytes: int) -> float:
+    """Bytes one ExpertBlock leaves for its backward on one rank (micro-batch 1), tensor by tensor.
+
+    A block works on one [text; video] stream: under Ulysses SP each rank holds 1/SP of the text tokens and 1/SP
+    of the video tokens and runs the token-local work on them, and attention on the full sequence with
+    heads/(TP*SP). TP splits the heads and the MLP hidden; the stream, the LayerNorms and the inputs of the QKV /
+    fc1 projections stay whole on every TP rank (Megatron sequence parallelism is not used).
+    """
+    e, f32 = dtype_bytes, 4
+    d, dl, heads = m.inner_dim, m.inner_dim // tp, m.num_attention_heads // tp
+    tok = n_text / sp + n_video // sp  # tokens this rank runs token-local work on (text split as evenly as it goes)
+    seq = (n_text + n_video) / sp  # attention: full sequence, 1/SP of the heads
+    # whole width: the two fused AdaLNs' inputs (the block input and the mid-block stream; they save x and the
+    # statistics, not the normalised output), the QKV and fc1 inputs, the attention projection and fc2 outputs
+    # (the gated residuals save them)
+    full = 6 * d * tok
+    split = 3 * dl * tok + 8 * dl * tok  # QKV output (the QK-norm input; v is a view of it), fc1 and GELU outputs
+    stats = (2 * 2 + 2 * 2 * heads) * tok * f32  # mean/rstd of the two AdaLN norms and of the QK norms
+    if sp == 1:  # SDPA saves q and k (rotated, or the QK-norm outputs), the qkv view v, and its output (= proj input)
+        attention = 3 * dl * tok * e + heads * tok * f32
+    else:  # Ulysses: the received q/k/v buffer (SDPA reads views of it) and SDPA's output over seq x heads/SP,
+        # plus the re-joined output for proj; the rotated q, k before the all-to-all are not kept
+        attention = 4 * dl * seq * e + heads * seq * f32 + dl * tok * e
+    return (full + split) * e + stats + attention
+
+
+def activation_bytes(m: ModelConfig, n_text: int, n_video: int, sp: int = 1, tp: int = 1, dtype_bytes: int = 2,
+                     checkpointing: bool = False, micro_batch: int = 1) -> dict:
+    """Activation memory of one rank: `stored` is what the forward leaves alive for backward (what a
+    measurement right after forward sees, the output excluded); `peak` adds, with checkpointing, one block's
+    recomputed activations during backward."""
+    e, d = dtype_bytes, m.inner_dim
+    tok = n_text / sp + n_video // sp  # this rank's [text; video] stream
+    layer = _layer_saved(m, n_text, n_video, sp, tp, e)
+    block_input = tok * d * e  # the [text; video] stream entering a block
+    # outside the blocks: the patch-matmul input (the patchified copy of all latents; an SP rank's slice is a view
+    # of it) and the text-projection input (a view of the whole text input); then on the whole stream, text rows
+    # included: norm_final's input, norm_out's input (= norm_final's output), proj_out's input, LayerNorm stats
+    inputs = (n_video * m.in_channels * m.patch_size**2 + n_text * m.text_embed_dim) * e
+    top = inputs + 3 * tok * d * e + 2 * 2 * tok * 4
+    if checkpointing:  # each block keeps only its input stream
+        stored = m.num_layers * block_input + top
+        peak = stored + layer
+    else:
+        stored = peak = m.num_layers * layer + top
+    return {"per_layer": layer * micro_batch, "block_input": block_input * micro_batch,
+            "stored": stored * micro_batch, "peak": peak * micro_batch}
+
+
+# --------------------------------------------------------------------------------------------------- per GPU
+@dataclass
+class Layout:
+    dp: int = 1
+    sp: int = 1
+    tp: int = 1
+    zero_stage: int = 3
+    offload_optimizer: bool = False  # fp32 master + Adam + gradient partitions in CPU memory
+    offload_param: bool = False  # ZeRO-3 bf16 parameter partitions in CPU memory
+    checkpointing: bool = True
+    micro_batch: int = 1
+    param_bytes: int = 2  # bf16 parameters and gradients; 4 for fp32 training (then no separate master copy)
+    persistence_threshold: int = 1_000_000  # ZeRO-3: parameters smaller than this stay gathered on every rank
+    reduce_bucket_size: int = 500_000_000  # ZeRO gradient bucket, elements (ds_configs/zero3_bf16.json)
+
+    @property
+    def gpus(self) -> int:
+        return self.dp * self.sp * self.tp
+
+    def describe(self) -> str:
+        off = "+offload(opt" + ("+param" if self.offload_param else "") + ")" if self.offload_optimizer else ""
+        return (f"DP{self.dp}xSP{self.sp}xTP{self.tp} ZeRO-{self.zero_stage}{off} "
+                f"ckpt {'on' if self.checkpointing else 'off'}")
+
+
+def model_state_bytes(m: ModelConfig, lay: Layout) -> dict:
+    """Per-rank bytes of parameters, gradients, fp32 master weights and Adam moments, partitioned over DP x SP
+    (the ZeRO group), after TP has split the large matrices. Padding to equal partitions is included.
+
+    `device` is what stays in GPU memory, `host` what offload moves to CPU memory (per rank)."""
+    z = lay.dp * lay.sp
+    inv = param_inventory(m)
+    n = sum(p.numel_per_tp_rank(lay.tp) for p in inv)
+    n_part = sum(math.ceil(p.numel_per_tp_rank(lay.tp) / z) for p in inv)  # ZeRO pads each parameter
+    pb = lay.param_bytes
+    master = 4 if pb != 4 else 0  # fp32 training updates the parameters themselves
+    st = lay.zero_stage
+    params = pb * (n_part if st == 3 else n)
+    grads = pb * (n_part if st >= 2 else n)
+    optim = (master + 8) * (n_part if st >= 1 else n)
+    persistent = pb * sum(p.numel_per_tp_rank(lay.tp) for p in inv
+                          if p.numel_per_tp_rank(lay.tp) < lay.persistence_threshold) if st == 3 else 0
+    host = 0
+    if lay.offload_optimizer:
+        host += optim + grads
+        optim = grads = 0
+    if lay.offload_param and st == 3:
+        host += params
+        params = 0
+    return {"params": params, "grads": grads, "optimizer": optim, "persistent": persistent,
+            "model_states": params + grads + optim, "host": host, "numel_per_rank": n_part if st == 3 else n}
+
+
+def memory_per_gpu(m: ModelConfig, clip: Clip, lay: Layout) -> dict:
+    """GPU bytes per rank: model states + ZeRO buffers + activations (peak, backward included)."""
+    n_text, n_video = clip.tokens(m)
+    states = model_state_bytes(m, lay)
+    # ZeRO-3 working set: the gathered (full, TP-split) parameters of the block being computed and of the one
+    # prefetched after it, plus the gradient reduce bucket (one bf16 buffer of reduce_bucket_size elements).
+    block = sum(p.numel_per_tp_rank(lay.tp) for p in param_inventory(m) if p.name.startswith("blocks.0."))
+    gathered = 2 * block * lay.param_bytes if lay.zero_stage == 3 else 0
+    bucket = min(lay.reduce_bucket_size, states["numel_per_rank"] * lay.dp * lay.sp) * lay.param_bytes \
+        if lay.zero_stage >= 2 else 0
+    act = activation_bytes(m, n_text, n_video, lay.sp, lay.tp, 2 if lay.param_bytes == 2 else 4,
+                           lay.checkpointing, lay.micro_batch)
+    buffers = states["persistent"] + gathered + bucket
+    total = states["model_states"] + buffers + act["peak"]
+    return {**states, "buffers": buffers, "activations": act["peak"], "total": total}
+
+
+# --------------------------------------------------------------------------------------------------- table
+SIZES = {"2B": "model/2b", "5B": "model/5b"}
+DEFAULT_LAYOUTS = [  # (gpus, dp, sp, tp, checkpointing, offload)
+    (8, 8, 1, 1, True, False), (8, 8, 1, 1, True, True), (8, 4, 2, 1, False, False), (8, 2, 4, 1, False, False),
+    (8, 2, 2, 2, False, False), (64, 64, 1, 1, True, False), (64, 16, 4, 1, False, False),
+]
+
+
+def model_rows(clip: Clip) -> list[dict]:
+    rows = []
+    for name, path in SIZES.items():
+        m = load_config(path).model
+        n_text, n_video = clip.tokens(m)
+        fl = flops_per_sample(m, n_text, n_video)
+        fl_ckpt = flops_per_sample(m, n_text, n_video, recompute=True)
+        off = activation_bytes(m, n_text, n_video, checkpointing=False)
+        on = activation_bytes(m, n_text, n_video, checkpointing=True)
+        rows.append({"model": name, "params": param_count(m), "text_tokens": n_text, "video_tokens": n_video,
+                     "tflops_fwd": fl["forward"] / 1e12, "tflops_train": fl["total"] / 1e12,
+                     "tflops_train_ckpt": fl_ckpt["total"] / 1e12, "attention_fraction": fl["attention_fraction"],
+                     "act_layer_gib": off["per_layer"] / GiB, "act_gib": off["peak"] / GiB,
+                     "act_ckpt_gib": on["peak"] / GiB})
+    return rows
+
+
+def layout_rows(clip: Clip, layouts=DEFAULT_LAYOUTS, sizes=("2B", "5B")) -> list[dict]:
+    rows = []
+    for name in sizes:
+        m = load_config(SIZES[name]).model
+        for gpus, dp, sp, tp, ckpt, offload in layouts:
+            lay = Layout(dp=dp, sp=sp, tp=tp, checkpointing=ckpt, offload_optimizer=offload)
+            assert lay.gpus == gpus
+            if m.num_attention_heads % (sp * tp):
+                continue
+            mem = memory_per_gpu(m, clip, lay)
+            rows.append({"model": name, "gpus": gpus, "layout": lay.describe(),
+                         **{k: mem[k] / GiB for k in ("model_states", "buffers", "activations", "total", "host")}})
+    return rows
+
+
+def markdown(clip: Clip, layouts=DEFAULT_LAYOUTS) -> str:
+    out = [f"Per sample at {clip.frames}x{clip.height}x{clip.width} (micro-batch 1, bf16 activations):", "",
+           "| model | params | tokens (text + video) | TFLOP fwd | TFLOP fwd+bwd | with ckpt recompute | attention share "
+           "| activations / layer | activations, no ckpt | activations, ckpt |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in model_rows(clip):
+        out.append(f"| {r['model']} | {r['params'] / 1e9:.3f} B | {r['text_tokens']} + {r['video_tokens']} = "
+                   f"{r['text_tokens'] + r['video_tokens']:,} | {r['tflops_fwd']:.0f} | {r['tflops_train']:.0f} | "
+                   f"{r['tflops_train_ckpt']:.0f} | {100 * r['attention_fraction']:.0f}% | "
+                   f"{r['act_layer_gib']:.2f} GiB | {r['act_gib']:.1f} GiB | {r['act_ckpt_gib']:.1f} GiB |")
+    out += ["", "Memory per GPU (GiB; bf16 params + grads, fp32 master + Adam, ZeRO over DP x SP):", "",
+            "| model | GPUs | layout | model states | ZeRO buffers | activations (peak) | total per GPU | "
+            "CPU per rank |", "|---|---|---|---|---|---|---|---|"]
+    for r in layout_rows(clip, layouts):
+        out.append(f"| {r['model']} | {r['gpus']} | {r['layout']} | {r['model_states']:.1f} | {r['buffers']:.1f} | "
+                   f"{r['activations']:.1f} | **{r['total']:.1f}** | {r['host']:.1f} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--frames", type=int, default=49)
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--width", type=int, default=720)
+    args = ap.parse_args(argv)
+    print(markdown(Clip(args.frames, args.height, args.width)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
