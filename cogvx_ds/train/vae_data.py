@@ -100,19 +100,18 @@ class VideoFileStream:
         from data_tools.video_decode import BadInput, Bucket, ClipPlan, read_clips, resize_center_crop
 
         rng = np.random.default_rng([self.seed, index])
-        bucket = Bucket(self.height, self.width, self.num_frames)
+        bucket, n = Bucket(self.height, self.width, self.num_frames), self.num_frames
+
+        def window(info):  # n consecutive frames at a random start
+            if info.num_frames < n:
+                raise BadInput("too_few_frames", f"{info.num_frames} frames, need {n}")
+            start = int(rng.integers(info.num_frames - n + 1))
+            return [ClipPlan(bucket, tuple(range(start, start + n)), info.fps, start / info.fps, (start + n) / info.fps)]
+
         for _ in range(100):
             path = self.files[int(rng.integers(len(self.files)))]
             if str(path) in self.skipped:
                 continue
-
-            def window(info, rng=rng):
-                if info.num_frames < self.num_frames:
-                    raise BadInput("too_few_frames", f"{info.num_frames} frames, need {self.num_frames}")
-                start = int(rng.integers(info.num_frames - self.num_frames + 1))
-                indices = tuple(range(start, start + self.num_frames))
-                return [ClipPlan(bucket, indices, info.fps, start / info.fps, (start + self.num_frames) / info.fps)]
-
             try:
                 _, _, clips, _ = read_clips(path, window)
             except BadInput as e:

@@ -41,7 +41,8 @@ class VAETrainConfig:
     run_dir: str = "runs/vae"
     init_from: str | None = None  # diffusers-format VAE dir to fine-tune; None = random init of `model`
     model: dict = field(default_factory=lambda: dict(TINY_VAE))  # CogVideoXVAEConfig fields
-    # data: synthetic moving shapes (frames 8j+1; height/width multiples of the VAE's spatial ratio)
+    # data: your videos (`data`) or synthetic moving shapes; frames 8j+1, height/width multiples of the VAE's
+    # spatial ratio
     data: str | None = None  # videos to train on (folder, .jsonl/.csv manifest, videos.txt); None = moving shapes
     frames: int = 9
     height: int = 32
