@@ -34,12 +34,20 @@ def _copy_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst)
 
 
-def write_pipeline_parts(out: Path, diffusion: DiffusionConfig, vae: Path, text_encoder: Path) -> None:
-    """Everything but the transformer: VAE, text encoder + tokenizer, scheduler, model_index.json."""
+def write_pipeline_parts(out: Path, diffusion: DiffusionConfig, vae: Path, text_encoder: Path,
+                         latent_scale: float | None = None) -> None:
+    """Everything but the transformer: VAE, text encoder + tokenizer, scheduler, model_index.json.
+
+    ``latent_scale``: the factor the transformer's training latents were multiplied by (data.latent_scale). It
+    becomes the exported VAE's scaling_factor, which is what diffusers' pipeline divides the latents by.
+    """
     from cogvx_ds.models.vae import CogVideoXVAE
 
     out.mkdir(parents=True, exist_ok=True)
-    CogVideoXVAE.from_diffusers(vae).save_diffusers(out / "vae")
+    vae_model = CogVideoXVAE.from_diffusers(vae)
+    if latent_scale is not None:
+        vae_model.config.scaling_factor = float(latent_scale)
+    vae_model.save_diffusers(out / "vae")
     te_root = text_encoder if not (text_encoder / "text_encoder").is_dir() else text_encoder / "text_encoder"
     tok_root = te_root if (te_root / "tokenizer_config.json").is_file() else text_encoder / "tokenizer"
     if not (tok_root / "tokenizer_config.json").is_file():
@@ -105,7 +113,7 @@ def main(argv=None) -> int:
         if not (run / "final_model" / "config.json").is_file():
             ap.error(f"{run} has no final_model/ yet; pass --checkpoint latest to export its last checkpoint")
         _copy_tree(run / "final_model", out / "transformer")
-    write_pipeline_parts(out, cfg.diffusion, Path(args.vae), Path(args.text_encoder))
+    write_pipeline_parts(out, cfg.diffusion, Path(args.vae), Path(args.text_encoder), cfg.data.latent_scale)
     print(f"wrote {out} ({PIPELINE_CLASS}: transformer, vae, text_encoder, tokenizer, scheduler)")
     return 0
 

@@ -24,6 +24,33 @@ def _resolve(model: Path, sub: str, given: str | None) -> Path | None:
     return None
 
 
+def training_settings(model: str | Path):
+    """(latent scale, NoiseSchedule) the model was trained with, or None where the folder does not say.
+
+    A training run dir (or its final_model/) has config.yaml: data.latent_scale and the diffusion schedule. A
+    pipeline folder has scheduler/scheduler_config.json, and its VAE's scaling_factor is the latent scale (export
+    writes the training one there). Sampling with another scale or schedule than training gives washed-out or
+    noisy videos, so neither is left to a default when the model says.
+    """
+    from cogvx_ds.config import load_config
+    from cogvx_ds.diffusion import NoiseSchedule
+
+    root = Path(model)
+    for run in (root, root.parent):
+        if (run / "config.yaml").is_file() and ((run / "final_model").is_dir() or (run / "checkpoints").is_dir()):
+            cfg = load_config(run / "config.yaml")
+            return cfg.data.latent_scale, NoiseSchedule.from_config(cfg.diffusion)
+    sched = root / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        c = json.loads(sched.read_text())
+        schedule = NoiseSchedule.cogvideox(
+            num_train_timesteps=c.get("num_train_timesteps", 1000), beta_start=c.get("beta_start", 0.00085),
+            beta_end=c.get("beta_end", 0.012), snr_shift_scale=c.get("snr_shift_scale", 3.0),
+            zero_terminal_snr=c.get("rescale_betas_zero_snr", True), beta_schedule=c.get("beta_schedule", "scaled_linear"))
+        return None, schedule
+    return None, None
+
+
 def load_components(model: str, vae: str | None = None, text_encoder: str | None = None,
                     dtype: torch.dtype = torch.float32):
     from cogvx_ds.models import CogVideoXTransformer, CogVideoXVAE
@@ -113,6 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--fps", type=float, default=8.0)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--latent-scale", type=float, help="factor the latents were multiplied by in training (default: "
+                                                       "data.latent_scale of the run, else the VAE's scaling_factor)")
     args = ap.parse_args(argv)
 
     prompts = list(args.prompt)
@@ -125,9 +154,15 @@ def main(argv=None) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     try:
         dit, vae, encoder = load_components(args.model, args.vae, args.text_encoder, dtype)
+        latent_scale, schedule = training_settings(args.model)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.latent_scale is not None:
+        latent_scale = args.latent_scale
+    latent_scale = latent_scale if latent_scale is not None else vae.scaling_factor
+    print(f"latent scale {latent_scale:.4f}, schedule "
+          f"{'of the training run' if schedule is not None else 'CogVideoX default (the model folder names none)'}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = []
@@ -136,7 +171,8 @@ def main(argv=None) -> int:
         seeds = [args.seed + start + i for i in range(len(batch))]
         videos = generate(dit, vae, encoder, batch, frames=args.frames, height=args.height, width=args.width,
                           steps=args.steps, sampler=args.sampler, guidance=args.guidance,
-                          dynamic_guidance=args.dynamic_guidance, seeds=seeds)
+                          dynamic_guidance=args.dynamic_guidance, seeds=seeds, latent_scale=latent_scale,
+                          schedule=schedule)
         for i, (prompt, video) in enumerate(zip(batch, videos)):
             path = out / f"{start + i:04d}.mp4"
             write_mp4(path, to_uint8(video), fps=args.fps)

@@ -72,6 +72,41 @@ def test_diffusers_pipeline_loads_export_and_first_step_matches(run_dir, tmp_pat
     assert err < 1e-5, err  # float32; same weights, schedule and guidance: only summation order differs
     moved = ((seen[0] - x_T).norm() / x_T.norm()).item()
     assert moved > 1e-3  # the step did something, so the comparison can fail
+    # The pipeline divides latents by the VAE's scaling_factor: export writes the training run's latent scale.
+    assert pipe.vae.config.scaling_factor == pytest.approx(Config().data.latent_scale)
+
+
+def test_sampling_uses_the_training_runs_latent_scale_and_schedule(run_dir, tmp_path):
+    """A run trained with its own data.latent_scale and SNR shift is sampled with them (not the VAE's scaling
+    factor and CogVideoX's shift of 3): from the run dir, from final_model/, and from its export, whose VAE
+    scaling_factor and scheduler config carry them. A bare transformer folder says nothing (None, None)."""
+    import shutil
+
+    from diffusers import CogVideoXPipeline
+
+    from cogvx_ds.config import DataConfig, DiffusionConfig
+    from cogvx_ds.sample import training_settings
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir / "run" / "final_model", run / "final_model")
+    save_config(Config(model=ModelConfig(**MODEL), data=DataConfig(latent_scale=0.5),
+                       diffusion=DiffusionConfig(snr_shift_scale=1.0)), run / "config.yaml")
+    want = NoiseSchedule.cogvideox(snr_shift_scale=1.0).alphas_cumprod
+    assert not torch.allclose(want, NoiseSchedule.cogvideox().alphas_cumprod)
+    for where in (run, run / "final_model"):
+        scale, schedule = training_settings(where)
+        assert scale == 0.5 and torch.equal(schedule.alphas_cumprod, want)
+    assert training_settings(tmp_path / "nothing") == (None, None)
+    out = tmp_path / "pipe"
+    subprocess.run([sys.executable, "-m", "cogvx_ds.export", f"--run-dir={run}", f"--out={out}",
+                    f"--vae={run_dir / 'vae'}", f"--text-encoder={run_dir / 't5'}"], check=True, capture_output=True)
+    scale, schedule = training_settings(out)
+    assert scale is None and torch.allclose(schedule.alphas_cumprod, want, rtol=1e-12, atol=0)
+    assert CogVideoXPipeline.from_pretrained(out).vae.config.scaling_factor == 0.5
+    proc = subprocess.run([sys.executable, "-m", "cogvx_ds.sample", f"--model={out}", "--prompt=a red circle",
+                           f"--out={tmp_path / 's'}", f"--frames={FRAMES}", f"--height={HEIGHT}", f"--width={WIDTH}",
+                           "--steps=1"], check=True, capture_output=True, text=True)
+    assert "latent scale 0.5000, schedule of the training run" in proc.stdout
 
 
 def test_sample_cli_writes_videos(run_dir, tmp_path):

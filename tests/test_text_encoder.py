@@ -120,3 +120,22 @@ def test_dtype_and_move_reset_the_empty_cache(tiny_path):
     assert enc.encode(["a"])[0].dtype == torch.bfloat16 and enc.empty_embedding()[0].dtype == torch.bfloat16
     enc.to(dtype=torch.float32)
     assert enc.empty_embedding()[0].dtype == torch.float32  # recomputed, not the stale bf16 one
+
+
+def test_word_level_tiny_t5_one_token_per_word(tmp_path):
+    """build_tiny_t5(vocabulary=...): every word of the captions is one token (lower-cased, punctuation split
+    off), unknown words map to <unk>, </s> ends every caption; the saved folder reloads with AutoTokenizer."""
+    from transformers import AutoTokenizer
+
+    path = build_tiny_t5(tmp_path / "w", d_model=32, vocabulary=["a red circle", "A blue square, moving left"])
+    tok = AutoTokenizer.from_pretrained(path)
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
+    ids = tok("a Blue circle, moving up").input_ids
+    assert ids == [3, 6, 5, 8, 9, 2, 1]  # a blue circle , moving <unk> </s>
+    encoder = TextEncoder.from_pretrained(path, max_length=8)
+    emb, mask = encoder.encode(["a red circle", "a blue circle"])
+    assert emb.shape == (2, 8, 32) and mask.sum(1).tolist() == [4, 4]
+    assert not torch.allclose(emb[0, 1], emb[1, 1])  # red vs blue
+    assert encoder.model.config.vocab_size == len(tok) == 11  # 3 specials + 8 words and ","
+    with pytest.raises(ValueError, match="no words"):
+        build_tiny_t5(tmp_path / "empty", vocabulary=[" "])

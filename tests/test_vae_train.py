@@ -161,6 +161,14 @@ def test_video_file_stream_reads_windows_of_real_files_and_skips_broken_ones(tmp
     # Sample i is a pure function of (seed, i): a stream resumed at a position continues identically.
     resumed = VideoFileStream(str(tmp_path), batch_size=4, num_frames=9, height=16, width=16, seed=3, position=12)
     assert torch.equal(resumed.next_batch(), batches[3])
+    # The decoded-video cache changes nothing but the decoding work: same clips, same skipped files.
+    cached = VideoFileStream(str(tmp_path / "videos.txt"), batch_size=4, num_frames=9, height=16, width=16, seed=3,
+                             cache_mb=1)
+    assert all(torch.equal(cached.next_batch(), b) for b in batches)
+    assert set(cached.skipped) == set(stream.skipped) and 0 < cached._cached_bytes <= 2**20
+    tiny = VideoFileStream(str(tmp_path / "videos.txt"), 4, 9, 16, 16, seed=3, cache_mb=20 * 768 / 2**20)
+    assert all(torch.equal(tiny.next_batch(), b) for b in batches)  # room for one video: evicts, same clips
+    assert list(tiny._cache) and tiny._cached_bytes <= 20 * 768
     # The CLI trains on them (data=...), counting the skipped files in its metrics.
     run = tmp_path / "run"
     finish(start([sys.executable, "-m", "cogvx_ds.train_vae", "--run-dir", str(run), "--steps", "2",

@@ -10,8 +10,10 @@ Accepted folder layouts (nothing is ever downloaded):
   * a model folder: config.json + weights (*.safetensors or pytorch_model*.bin) + tokenizer files;
   * a diffusers pipeline folder (as CogVideoX is released): text_encoder/ and tokenizer/ subfolders.
 
-``build_tiny_t5`` writes a tiny random T5 encoder with a byte-level tokenizer (ByT5, no vocabulary file) in the
-same format, for tests and the CPU demo.
+``build_tiny_t5`` writes a tiny random T5 encoder in the same format, for tests and the CPU demo: with a byte-level
+tokenizer (ByT5, no vocabulary file) or, given a list of words, a word-level one. Words matter for a tiny DiT: with
+bytes it must first learn to read "red" out of three random character embeddings; with words every word is one
+token with its own embedding, as a real T5's sentencepiece vocabulary gives for common words.
 """
 
 from __future__ import annotations
@@ -169,18 +171,22 @@ def build_tiny_t5(
     num_heads: int = 4,
     d_ff: int | None = None,
     seed: int = 0,
+    vocabulary: Sequence[str] | None = None,
 ) -> Path:
-    """Write a tiny random T5 encoder + byte-level tokenizer to ``path`` with save_pretrained; returns the path.
+    """Write a tiny random T5 encoder + tokenizer to ``path`` with save_pretrained; returns the path.
 
-    Same seed, same arguments -> identical weights. The caller's global RNG state is left untouched.
+    ``vocabulary``: None for the byte-level ByT5 tokenizer, or words (or whole captions, split on whitespace and
+    punctuation, lower-cased) for a word-level tokenizer with ``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2 and
+    ``</s>`` appended to every caption, as T5 does. Same seed, same arguments -> identical weights. The caller's
+    global RNG state is left untouched.
     """
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
     if d_model % num_heads:
         raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
-    tokenizer = ByT5Tokenizer()
+    tokenizer = ByT5Tokenizer() if vocabulary is None else word_level_tokenizer(vocabulary)
     config = T5Config(
-        vocab_size=len(tokenizer),  # 256 bytes + 3 specials + 125 extra ids
+        vocab_size=len(tokenizer),  # ByT5: 256 bytes + 3 specials + 125 extra ids
         d_model=d_model,
         d_kv=d_model // num_heads,
         d_ff=d_ff or 2 * d_model,
@@ -201,3 +207,28 @@ def build_tiny_t5(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def word_level_tokenizer(texts: Sequence[str]):
+    """A T5-style word-level tokenizer over the words of ``texts``: lower-cased, split on whitespace and punctuation,
+    ids in first-seen order after ``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2; ``</s>`` is appended to every input.
+
+    Saved with save_pretrained it is a tokenizer.json that ``AutoTokenizer`` loads with nothing else installed.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    if isinstance(texts, str):
+        raise TypeError("vocabulary must be a list of words or captions, got a single str")
+    split = pre_tokenizers.Whitespace()
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for text in texts:
+        for word, _ in split.pre_tokenize_str(text.lower()):
+            vocab.setdefault(word, len(vocab))
+    if len(vocab) == 3:
+        raise ValueError("vocabulary has no words")
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = split
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")

@@ -44,6 +44,7 @@ class VAETrainConfig:
     # data: your videos (`data`) or synthetic moving shapes; frames 8j+1, height/width multiples of the VAE's
     # spatial ratio
     data: str | None = None  # videos to train on (folder, .jsonl/.csv manifest, videos.txt); None = moving shapes
+    data_cache_mb: float = 1024.0  # decoded videos of `data` kept in memory per process (LRU); 0 = decode each draw
     frames: int = 9
     height: int = 32
     width: int = 32
@@ -85,6 +86,8 @@ class VAETrainConfig:
         for name in ("steps", "batch_size", "log_every", "video_every", "ckpt_every", "chroma_weight"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.data_cache_mb < 0:
+            raise ValueError(f"data_cache_mb must be >= 0 (0 = no cache), got {self.data_cache_mb}")
 
     def loss_weights(self) -> GeneratorLossWeights:
         return GeneratorLossWeights(self.recon, self.lpips_weight, self.lpips_frames, self.kl_weight,
@@ -93,7 +96,7 @@ class VAETrainConfig:
     def hash(self) -> str:
         """Hash of what defines the training trajectory (not logging/steps), to refuse resuming another run."""
         keep = {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("run_dir", "steps", "log_every", "video_every", "ckpt_every", "export")}
+                if k not in ("run_dir", "steps", "log_every", "video_every", "ckpt_every", "export", "data_cache_mb")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -157,7 +160,8 @@ class VAETrainer:
         c = self.cfg
         if c.data is None:
             return MovingShapesStream(c.batch_size, c.frames, c.height, c.width, seed, rank=rank, world=world)
-        return VideoFileStream(c.data, c.batch_size, c.frames, c.height, c.width, seed, rank=rank, world=world)
+        return VideoFileStream(c.data, c.batch_size, c.frames, c.height, c.width, seed, rank=rank, world=world,
+                               cache_mb=c.data_cache_mb)
 
     def _load_lpips(self) -> LPIPS | None:
         if not self.cfg.lpips_path or not self.cfg.lpips_weight:
