@@ -78,6 +78,7 @@ class ClipSpec:
     radius: float = 0.15
     start_u: float = 0.5
     start_v: float = 0.5
+    travel: float = TRAVEL  # distance moved over the clip, as a fraction of the shorter side
 
     def __post_init__(self):
         for key in ("shape", "color", "background"):
@@ -94,11 +95,25 @@ class ClipSpec:
         return {"shape": self.shape, "color": self.color, "motion": self.motion, "background": self.background}
 
 
-def random_spec(rng: np.random.Generator, shape: str, color: str, motion: str | None, background: str) -> ClipSpec:
+def random_spec(rng: np.random.Generator, shape: str, color: str, motion: str | None, background: str,
+                radius_range: tuple[float, float] = RADIUS_RANGE, travel: float = TRAVEL) -> ClipSpec:
     """A spec with the given attributes and random size and start position."""
     return ClipSpec(
-        shape, color, motion, background, float(rng.uniform(*RADIUS_RANGE)), float(rng.random()), float(rng.random())
+        shape, color, motion, background, float(rng.uniform(*radius_range)), float(rng.random()), float(rng.random()),
+        travel,
     )
+
+
+def check_geometry(radius_range: tuple[float, float], travel: float) -> None:
+    """Radii and travel (fractions of the shorter side) for which every shape's whole path stays in the frame."""
+    lo, hi = radius_range
+    if not 0 < lo <= hi:
+        raise ValueError(f"radius range must satisfy 0 < min <= max, got {lo},{hi}")
+    if travel < 0:
+        raise ValueError(f"travel must be >= 0, got {travel}")
+    if 2 * TRIANGLE_CIRCUMRADIUS * hi + travel > 1:
+        raise ValueError(f"radius max {hi} and travel {travel} do not fit in the frame: need "
+                         f"2 * {TRIANGLE_CIRCUMRADIUS} * radius + travel <= 1 (the triangle's extent plus its path)")
 
 
 def _centres(spec: ClipSpec, num_frames: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray, float]:
@@ -107,7 +122,7 @@ def _centres(spec: ClipSpec, num_frames: int, height: int, width: int) -> tuple[
     radius = spec.radius * side
     margin = TRIANGLE_CIRCUMRADIUS * radius + 1.0  # the largest extent of any shape, plus one pixel of blur
     dx, dy = _DIRECTIONS[spec.motion or "still"]
-    travel = TRAVEL * side if num_frames > 1 else 0.0
+    travel = spec.travel * side if num_frames > 1 else 0.0
     # Start anywhere the whole path stays inside the frame.
     x_lo, x_hi = margin + travel * max(-dx, 0), width - margin - travel * max(dx, 0)
     y_lo, y_hi = margin + travel * max(-dy, 0), height - margin - travel * max(dy, 0)
@@ -263,6 +278,8 @@ def plan_samples(
     seed: int = 0,
     heldout_fraction: float = 0.2,
     heldout_keys: Sequence[str] = DEFAULT_HELDOUT_KEYS,
+    radius_range: tuple[float, float] = RADIUS_RANGE,
+    travel: float = TRAVEL,
 ) -> list[tuple[str, str, ClipSpec]]:
     """(split, kind, spec) for every sample, in output order. Sample i of a (split, kind) depends only on the seed
     and i, so asking for more samples keeps the first ones unchanged; combinations are cycled for balance."""
@@ -296,7 +313,8 @@ def plan_samples(
             if in_heldout != (split == "heldout"):  # cannot happen by construction; never write a leaking split
                 raise RuntimeError(f"{split} sample {i} has attributes {attrs} of the other split")
             plan.append(
-                (split, kind, random_spec(rng, attrs["shape"], attrs["color"], attrs["motion"], attrs["background"]))
+                (split, kind, random_spec(rng, attrs["shape"], attrs["color"], attrs["motion"], attrs["background"],
+                                          radius_range, travel))
             )
     return plan
 
@@ -352,6 +370,8 @@ def generate(
     heldout_keys: Sequence[str] = DEFAULT_HELDOUT_KEYS,
     image_format: str = "png",
     progress: bool = True,
+    radius_range: tuple[float, float] = RADIUS_RANGE,
+    travel: float = TRAVEL,
 ) -> list[dict]:
     """Render and write the dataset; returns the manifest records (also written to <out_dir>/manifest.jsonl)."""
     from tqdm import tqdm
@@ -366,7 +386,9 @@ def generate(
         raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
     if fps <= 0:
         raise ValueError(f"fps must be > 0, got {fps}")
-    plan = plan_samples(num_videos, num_images, num_heldout, num_heldout_images, seed, heldout_fraction, heldout_keys)
+    check_geometry(radius_range, travel)
+    plan = plan_samples(num_videos, num_images, num_heldout, num_heldout_images, seed, heldout_fraction, heldout_keys,
+                        radius_range, travel)
     out = Path(out_dir)
     records, counters = [], {}
     for split, kind, spec in tqdm(plan, desc="make_synthetic", unit="sample", disable=not progress):
@@ -390,7 +412,7 @@ def generate(
                 "height": height,
                 "width": width,
                 "fps": fps if kind == "video" else None,
-                "render": {k: v for k, v in asdict(spec).items() if k in ("radius", "start_u", "start_v")},
+                "render": {k: v for k, v in asdict(spec).items() if k in ("radius", "start_u", "start_v", "travel")},
             }
         )
     _write_lists(out, records, seed, heldout_fraction, heldout_keys)
@@ -428,7 +450,7 @@ def _parser() -> argparse.ArgumentParser:
   videos/heldout/NNNNNN.mp4                          samples of held-out combinations (evaluation only)
   manifest.jsonl   one JSON object per sample: path, caption, split (train|heldout), kind (video|image),
                    attributes {shape, color, motion (null for images), background}, frames, height, width,
-                   fps, render {radius, start_u, start_v}
+                   fps, render {radius, start_u, start_v, travel}
   videos.txt + prompts.txt                 the training split (videos and images), one path / caption per
                                            line, aligned
   heldout_videos.txt + heldout_prompts.txt the held-out split (prompts for sampling and scoring)
@@ -492,8 +514,26 @@ example:
     parser.add_argument(
         "--image-format", choices=("png", "jpg"), default="png", help="still image format (default png)"
     )
+    parser.add_argument(
+        "--radius",
+        default=f"{RADIUS_RANGE[0]},{RADIUS_RANGE[1]}",
+        help="shape radius range MIN,MAX as fractions of the shorter side (default %(default)s); a tiny model "
+        "learns larger shapes faster",
+    )
+    parser.add_argument(
+        "--travel", type=float, default=TRAVEL,
+        help="distance a moving shape covers over the clip, fraction of the shorter side (default %(default)s)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
+
+
+def _radius_range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise SystemExit(f"make_synthetic: --radius must be MIN,MAX (two numbers), got {text!r}") from None
+    return lo, hi
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -517,6 +557,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             [k.strip() for k in args.heldout_keys.split(",") if k.strip()],
             args.image_format,
             not args.no_progress,
+            _radius_range(args.radius),
+            args.travel,
         )
     except ValueError as err:
         raise SystemExit(f"make_synthetic: {err}") from None

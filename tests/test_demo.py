@@ -17,6 +17,9 @@ def test_quick_demo_runs_every_stage(tmp_path):
     score = json.loads((run / "score.json").read_text())
     assert score["num_prompts"] == 6 and set(score["accuracy"]) == {"color", "shape", "motion"}
     assert all(0 <= v <= 1 for v in score["accuracy"].values())
+    assert set(score["vae_ceiling"]) == {"color", "shape", "motion"}  # the held-out clips after a VAE round trip
+    assert "VAE round trip" in proc.stdout
+    assert (run / "vae" / "config.json").is_file() and '"batch_size": 4' in (run / "vae" / "config.json").read_text()
     for stage in ("lq_pretrain", "hq_finetune", "caption_finetune"):
         assert (run / stage / "final_model" / "config.json").is_file()
         assert list((run / stage / "tensorboard").iterdir())

@@ -179,6 +179,8 @@ def test_classifier_reads_back_every_attribute_of_rendered_clips():
             continue
         spec = random_spec(rng, shape, color, motion, background)
         assert classify_clip(render_clip(spec, 5, 32, 32)) == spec.attributes()
+        big = random_spec(rng, shape, color, motion, background, radius_range=(0.22, 0.28), travel=0.2)  # the demo's
+        assert classify_clip(render_clip(big, 9, 32, 32)) == big.attributes()
     image = render_image(ClipSpec("triangle", "blue", None, "white"), 48, 48)
     assert classify_clip(image) == {"shape": "triangle", "color": "blue", "motion": None, "background": "white"}
 
@@ -194,6 +196,31 @@ def test_any_size_and_clear_errors(tmp_path):
         generate(tmp_path, height=33, progress=False)
     with pytest.raises(SystemExit, match="4k\\+1"):
         main(["--out", str(tmp_path), "--frames", "6"])
+    with pytest.raises(SystemExit, match="do not fit in the frame"):
+        main(["--out", str(tmp_path), "--radius", "0.3,0.35", "--travel", "0.2"])
+    with pytest.raises(SystemExit, match="MIN,MAX"):
+        main(["--out", str(tmp_path), "--radius", "0.3"])
+
+
+def test_radius_and_travel_options_shape_the_clips(tmp_path):
+    """--radius / --travel: every sample's radius lies in the range, moving shapes cover `travel` of the side over
+    the clip (centroid), and the manifest records both, so ClipSpec(**attributes, **render) re-renders it."""
+    assert main(["--out", str(tmp_path), "--num-videos", "6", "--num-images", "2", "--num-heldout", "0",
+                 "--radius", "0.22,0.28", "--travel", "0.2", "--height", "40", "--width", "40", "--no-progress"]) == 0
+    records = [json.loads(x) for x in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert all(0.22 <= r["render"]["radius"] <= 0.28 and r["render"]["travel"] == 0.2 for r in records)
+    for r in records:
+        if r["kind"] != "video" or r["attributes"]["motion"] == "still":
+            continue
+        frames, _ = read_video(tmp_path / r["path"])
+        spec = ClipSpec(**r["attributes"], **r["render"])
+        assert classify_clip(np.asarray(frames)) == spec.attributes()
+        clean = render_clip(spec, 9, 40, 40).astype(np.float64)
+        fg, bg = np.array(COLORS[spec.color], float), np.array(BACKGROUNDS[spec.background], float)
+        coverage = ((clean - bg) @ (fg - bg)) / ((fg - bg) @ (fg - bg))
+        ys, xs = np.mgrid[0:40, 0:40]
+        moved = np.hypot(*[(coverage * g).sum((1, 2))[[0, -1]] @ [-1, 1] / coverage.sum((1, 2))[0] for g in (xs, ys)])
+        assert abs(moved - 0.2 * 40) < 0.1, moved
 
 
 def test_cli_help_and_run(tmp_path):
