@@ -43,6 +43,8 @@ def training_settings(model: str | Path):
     sched = root / "scheduler" / "scheduler_config.json"
     if sched.is_file():
         c = json.loads(sched.read_text())
+        if c.get("prediction_type", "v_prediction") != "v_prediction":
+            raise ValueError(f"{sched}: prediction_type {c['prediction_type']!r}; only v_prediction is implemented")
         schedule = NoiseSchedule.cogvideox(
             num_train_timesteps=c.get("num_train_timesteps", 1000), beta_start=c.get("beta_start", 0.00085),
             beta_end=c.get("beta_end", 0.012), snr_shift_scale=c.get("snr_shift_scale", 3.0),

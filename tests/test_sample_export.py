@@ -103,6 +103,12 @@ def test_sampling_uses_the_training_runs_latent_scale_and_schedule(run_dir, tmp_
     scale, schedule = training_settings(out)
     assert scale is None and torch.allclose(schedule.alphas_cumprod, want, rtol=1e-12, atol=0)
     assert CogVideoXPipeline.from_pretrained(out).vae.config.scaling_factor == 0.5
+    sched = out / "scheduler" / "scheduler_config.json"
+    eps = tmp_path / "eps" / "scheduler"
+    eps.mkdir(parents=True)
+    (eps / "scheduler_config.json").write_text(sched.read_text().replace('"v_prediction"', '"epsilon"'))
+    with pytest.raises(ValueError, match="only v_prediction"):
+        training_settings(tmp_path / "eps")
     proc = subprocess.run([sys.executable, "-m", "cogvx_ds.sample", f"--model={out}", "--prompt=a red circle",
                            f"--out={tmp_path / 's'}", f"--frames={FRAMES}", f"--height={HEIGHT}", f"--width={WIDTH}",
                            "--steps=1"], check=True, capture_output=True, text=True)
