@@ -41,24 +41,19 @@ SHAPE_ARGS = ["--radius", "0.22,0.28", "--travel", "0.2"]
 TEXT_LEN = 16  # tokens per caption: the demo's captions have at most 10 words (+ </s>)
 
 
-def _run(cmd: list[str], log: Path, env: dict | None = None) -> float:
-    print("   $ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
-    t0 = time.time()
-    with open(log, "a") as f:
-        proc = subprocess.run(list(map(str, cmd)), stdout=f, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
-        raise SystemExit(f"step failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
-    return time.time() - t0
+def _run(cmd: list, log: Path, env: dict | None = None) -> float:
+    return _run_together([cmd], [log], env)
 
 
-def _run_together(cmds: list[list], logs: list[Path], env: dict) -> float:
-    """Run commands at the same time (one thread each: two 1-thread processes beat one 2-thread process here)."""
+def _run_together(cmds: list[list], logs: list[Path], env: dict | None) -> float:
+    """Run commands at the same time, each appending to its log; on a failure stop the others and show the tail.
+    (Two 1-thread processes beat one 2-thread process on a 2-core box, hence the encodes run together.)"""
     t0 = time.time()
     procs = []
     for cmd, log in zip(cmds, logs):
         print("   $ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
-        procs.append(subprocess.Popen(list(map(str, cmd)), stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env))
+        with open(log, "a") as f:  # the child keeps its own copy of the descriptor
+            procs.append(subprocess.Popen(list(map(str, cmd)), stdout=f, stderr=subprocess.STDOUT, env=env))
     for proc, log in zip(procs, logs):
         if proc.wait() != 0:
             for other in procs:
@@ -186,22 +181,32 @@ def score_samples(samples: Path, heldout: list[dict]) -> dict:
 
     records = json.loads((samples / "samples.json").read_text())
     truth = {r["caption"]: r["attributes"] for r in heldout}
-    hits = {"color": 0, "shape": 0, "motion": 0}
+    hits = dict.fromkeys(ATTRIBUTES, 0)
     per_sample = []
     for rec in records:
         frames, _ = read_video(samples / rec["path"])
         got = classify_clip(frames)
-        want = truth[rec["prompt"]]
         row = {"prompt": rec["prompt"], "path": rec["path"], "read": got}
-        for attr in hits:
-            ok = got.get(attr) == want[attr]
-            hits[attr] += ok
-            row[f"{attr}_ok"] = bool(ok)
+        row.update({f"{attr}_ok": ok for attr, ok in _tally(hits, got, truth[rec["prompt"]]).items()})
         per_sample.append(row)
-    n = max(1, len(records))
     chance = {"color": 1 / len(COLORS), "shape": 1 / len(SHAPES), "motion": 1 / len(MOTIONS)}
-    return {"num_prompts": len(records), "accuracy": {k: v / n for k, v in hits.items()}, "chance": chance,
+    return {"num_prompts": len(records), "accuracy": _rates(hits, len(records)), "chance": chance,
             "samples": per_sample}
+
+
+ATTRIBUTES = ("color", "shape", "motion")
+
+
+def _tally(hits: dict, got: dict, want: dict) -> dict:
+    """Add one clip's classifier reading to `hits`; returns {attribute: correct?}."""
+    ok = {attr: got.get(attr) == want[attr] for attr in ATTRIBUTES}
+    for attr, right in ok.items():
+        hits[attr] += right
+    return ok
+
+
+def _rates(hits: dict, n: int) -> dict:
+    return {k: v / max(1, n) for k, v in hits.items()}
 
 
 def vae_ceiling(vae_dir: Path, data: Path, heldout: list[dict]) -> dict:
@@ -211,27 +216,25 @@ def vae_ceiling(vae_dir: Path, data: Path, heldout: list[dict]) -> dict:
     import torch
 
     from cogvx_ds.models.vae import CogVideoXVAE
+    from cogvx_ds.sample import to_uint8
     from data_tools._video_io import read_video
     from data_tools.make_synthetic import classify_clip
 
     vae = CogVideoXVAE.from_diffusers(vae_dir).eval()
-    hits = {"color": 0, "shape": 0, "motion": 0}
+    hits = dict.fromkeys(ATTRIBUTES, 0)
     with torch.no_grad():
         for rec in heldout:
             frames, _ = read_video(data / rec["path"])
             x = torch.from_numpy(np.asarray(frames)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
-            y = vae.decode(vae.encode(x)[0])[0].clamp(-1, 1)
-            got = classify_clip(((y + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy())
-            for attr in hits:
-                hits[attr] += got.get(attr) == rec["attributes"][attr]
-    return {k: v / max(1, len(heldout)) for k, v in hits.items()}
+            _tally(hits, classify_clip(to_uint8(vae.decode(vae.encode(x)[0])[0].clamp(-1, 1))), rec["attributes"])
+    return _rates(hits, len(heldout))
 
 
 def print_score(score: dict) -> None:
     print(f"\n   held-out prompts: {score['num_prompts']} (attribute combinations never seen in training)")
     ceiling = score.get("vae_ceiling")
     print(f"   {'attribute':<10}{'accuracy':>10}{'chance':>10}" + (f"{'VAE round trip':>16}" if ceiling else ""))
-    for attr in ("color", "shape", "motion"):
+    for attr in ATTRIBUTES:
         print(f"   {attr:<10}{score['accuracy'][attr]:>10.0%}{score['chance'][attr]:>10.0%}"
               + (f"{ceiling[attr]:>16.0%}" if ceiling else ""))
     if ceiling:
