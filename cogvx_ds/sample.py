@@ -151,6 +151,8 @@ def main(argv=None) -> int:
         prompts += [p.strip() for p in Path(args.prompts_file).read_text().splitlines() if p.strip()]
     if not prompts:
         ap.error("give --prompt or --prompts-file")
+    if args.latent_scale is not None and not args.latent_scale > 0:
+        ap.error(f"--latent-scale must be > 0 (the factor training multiplied the latents by), got {args.latent_scale}")
     from data_tools._video_io import write_mp4
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]

@@ -113,6 +113,9 @@ def test_sampling_uses_the_training_runs_latent_scale_and_schedule(run_dir, tmp_
                            f"--out={tmp_path / 's'}", f"--frames={FRAMES}", f"--height={HEIGHT}", f"--width={WIDTH}",
                            "--steps=1"], check=True, capture_output=True, text=True)
     assert "latent scale 0.5000, schedule of the training run" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "cogvx_ds.sample", f"--model={out}", "--prompt=a", "--latent-scale=0"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--latent-scale must be > 0" in bad.stderr
 
 
 def test_sample_cli_writes_videos(run_dir, tmp_path):

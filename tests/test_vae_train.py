@@ -132,6 +132,8 @@ def test_cli_help_and_config_errors(capsys, tmp_path):
     (tmp_path / "c.yaml").write_text("frames: 13\n")
     with pytest.raises(ValueError, match="8j\\+1"):
         build_config(str(tmp_path / "c.yaml"), []).validate()
+    with pytest.raises(ValueError, match="data_cache_mb must be >= 0"):
+        build_config(None, ["data_cache_mb=-1"]).validate()
 
 
 def _frame_code_video(n_frames: int) -> np.ndarray:
