@@ -25,9 +25,16 @@ def timeit(fn, warmup: int = 1, reps: int = 5, clock=time.perf_counter) -> list[
 
 
 def matmul_peak_gflops(dtype: torch.dtype, n: int = 1536, reps: int = 5, clock=time.perf_counter) -> float:
-    """This machine's dense matmul rate (GFLOP/s) for square n x n matrices: the ceiling for linear layers."""
+    """This machine's dense matmul rate (GFLOP/s) for square n x n matrices: the ceiling for linear layers. The
+    faster of aten's matmul (MKL on x86) and, where the DiT uses it, oneDNN's float32 linear: the peak is the
+    machine's, not one library's."""
+    from cogvx_ds.models.dit.linear import onednn_available
+
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    best = min(timeit(lambda: a @ b, warmup=2, reps=reps, clock=clock))
+    kernels = [lambda: a @ b]
+    if dtype == torch.float32 and onednn_available():
+        kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+    best = min(min(timeit(k, warmup=2, reps=reps, clock=clock)) for k in kernels)
     return 2 * n**3 / best / 1e9
 
 
@@ -54,7 +61,8 @@ def write_results(name: str, payload: dict) -> Path:
 
 # ---- per-op breakdown -----------------------------------------------------------------------------------------
 
-_MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmv", "aten::mv"}
+_MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmv", "aten::mv",
+            "mkldnn::_linear_pointwise"}  # the oneDNN linear of cogvx_ds.models.dit.linear
 _COPIES = {"aten::copy_", "aten::cat", "aten::fill_", "aten::zero_", "aten::clone", "aten::contiguous",
            "aten::stack", "aten::flip", "aten::_to_copy", "aten::index", "aten::index_put_", "aten::slice_backward",
            "aten::select_backward", "aten::new_zeros", "aten::zeros", "aten::zeros_like", "aten::where"}
@@ -76,8 +84,20 @@ def _category(name: str) -> str:
     return "other"
 
 
+def _gemm_dims(shapes) -> tuple[int, int, int]:
+    """(rows, inner, cols) of a oneDNN linear: input [..., in] @ weight [out, in]^T."""
+    x, w = shapes[0], shapes[1]
+    rows = 1
+    for n in x[:-1]:
+        rows *= n
+    return rows, x[-1], w[0]
+
+
 def _matmul_flops(name: str, shapes) -> float:
     shapes = [s for s in shapes if s]
+    if name == "mkldnn::_linear_pointwise":
+        m, k, n = _gemm_dims(shapes)
+        return 2.0 * m * k * n
     if name in ("aten::mm", "aten::bmm"):
         a, b = shapes[0], shapes[1]
     elif name in ("aten::addmm", "aten::baddbmm"):
@@ -92,6 +112,8 @@ def _is_large(name: str, shapes) -> bool:
     """A matmul with every dimension >= 256: in a DiT step, the transformer blocks' QKV / out / MLP linears (and
     their backward), as opposed to the narrow patch / output / text projections and the per-sample AdaLN GEMVs."""
     shapes = [s for s in shapes if s]
+    if name == "mkldnn::_linear_pointwise":
+        return min(_gemm_dims(shapes)) >= 256
     a, b = (shapes[0], shapes[1]) if name in ("aten::mm", "aten::bmm") else (shapes[-2], shapes[-1])
     return min(a[-2], a[-1], b[-1]) >= 256
 

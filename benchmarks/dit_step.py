@@ -82,6 +82,9 @@ def main(argv=None) -> int:
                          "with other work, since time spent descheduled is not counted")
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--compile", action="store_true", help="also time ours with model.compile_blocks=true")
+    ap.add_argument("--linear-kernels", action="store_true",
+                    help="also time ours with model.cpu_linear=aten (F.linear / MKL), the before of the oneDNN "
+                         "linear kernel that ours uses by default on x86 CPUs")
     ap.add_argument("--bf16-native", action="store_true",
                     help="also time ours with native bf16 matmuls (model.cpu_half_compute=native)")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-op breakdown")
@@ -127,6 +130,9 @@ def main(argv=None) -> int:
             if args.compile:
                 variants["ours+compile"] = CogVideoXTransformer.from_diffusers(d, dtype=dtype, compile_blocks=True)
                 label["ours+compile"] = label["ours"] + "+compile"
+            if args.linear_kernels:
+                variants["ours_aten"] = CogVideoXTransformer.from_diffusers(d, dtype=dtype, cpu_linear="aten")
+                label["ours_aten"] = label["ours"] + "[aten linear]"
             if args.bf16_native and dt_name == "bf16":
                 variants["ours_native"] = CogVideoXTransformer.from_diffusers(d, dtype=dtype,
                                                                               cpu_half_compute="native")
@@ -179,7 +185,7 @@ def main(argv=None) -> int:
 
     print(f"\nDiT training step (forward + backward + AdamW), {args.layers} layers, hidden {dim}, batch {args.batch}, "
           f"{tokens} video + {args.text_len} text tokens, {torch.get_num_threads()} threads, {args.clock} clock; medians of "
-          f"{args.reps} interleaved rounds (bf16: {min(args.reps, 3)}); peak = fp32 {1536}^3 matmul, per round")
+          f"{args.reps} interleaved rounds (bf16: {min(args.reps, 3)}); peak = fp32 {1536}^3 matmul (best of aten and oneDNN), per round")
     print_table(rows, [("dtype", "dtype"), ("variant", "variant"), ("ours_s", "s/step", "{:.3f}"),
                        ("diffusers_s", "diffusers s", "{:.3f}"), ("speedup", "diffusers/ours", "{:.2f}x"),
                        ("ours_tokens_per_s", "tokens/s", "{:.0f}"), ("ours_gflops", "GFLOP/s", "{:.1f}"),

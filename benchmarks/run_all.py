@@ -15,6 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHES = ["dit_step.py", "vae_encode.py", "encode_throughput.py", "memory.py", "loader.py"]
+EXTRA_ARGS = {"dit_step.py": ["--linear-kernels"]}  # ours with the aten linear too: the oneDNN kernel's before/after
 
 
 def memory_summary() -> list[str]:
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     failed = []
     for bench in BENCHES:
         print(f"\n=== {bench} ===", flush=True)
-        cmd = [sys.executable, str(HERE / bench)] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, str(HERE / bench), *EXTRA_ARGS.get(bench, [])] + (["--quick"] if args.quick else [])
         if subprocess.run(cmd, cwd=HERE.parent).returncode != 0:
             failed.append(bench)
     lines = ["# Benchmark summary", ""]

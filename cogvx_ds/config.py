@@ -59,6 +59,10 @@ class ModelConfig:
     # (AVX2-only machines, where bf16 matmuls, attention and convs run 10-40x slower than fp32); "fp32" always, "native" never.
     # Never applies to GPU tensors. Parameters, gradients and the residual stream stay in the half dtype.
     cpu_half_compute: str = "auto"
+    # float32 linear layers on x86 CPUs: "auto"/"onednn" run them on oneDNN (faster there than aten's MKL sgemm,
+    # benchmarks/dit_step.py --linear-kernels), "aten" on F.linear. Same maths up to float32 rounding; no
+    # effect on GPUs, half-precision matmuls or other CPUs.
+    cpu_linear: str = "auto"
     # torch.compile each transformer block (inductor; on CPUs it needs a C++ compiler). Numerically checked
     # against eager in tests; pays off only in steady state (the first steps compile, for minutes on small CPUs).
     compile_blocks: bool = False
@@ -322,6 +326,8 @@ def validate_model(m: ModelConfig, tp: int = 1, sp: int = 1) -> None:
                  "must be divisible by 16 for the 3D sin-cos position embedding")
     _require(m.cpu_half_compute in ("auto", "fp32", "native"), "model.cpu_half_compute", m.cpu_half_compute,
              "must be auto, fp32 or native")
+    _require(m.cpu_linear in ("auto", "onednn", "aten"), "model.cpu_linear", m.cpu_linear,
+             "must be auto, onednn or aten")
     _require(m.in_channels == m.out_channels, "model.out_channels", m.out_channels,
              f"must equal model.in_channels ({m.in_channels}): the model predicts v in latent space")
 

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core.tensor_parallel import layers as megatron_layers
 from safetensors.torch import load_file, save_file
 
 from cogvx_ds.checkpoint.layout import diffusers_keys, gather_full
 from cogvx_ds.config import ConfigError
 from cogvx_ds.models import CogVideoXTransformer
+from cogvx_ds.models.dit import linear as linear_mod
 from cogvx_ds.parallel import init_distributed, state
 
 _UNPATCHED_CURRENT_DEVICE = torch.cuda.current_device  # before init_distributed installs the CPU shim
@@ -24,6 +26,22 @@ ap.add_argument("--tp", type=int, required=True)
 ap.add_argument("--sp", type=int, required=True)
 ap.add_argument("--case", action="append", required=True, help="a folder with model/ and inputs.safetensors")
 args = ap.parse_args()
+
+# Count the local matmuls by kernel: on an x86 CPU with oneDNN every TP linear must take our oneDNN path
+# (cogvx_ds.models.dit.layers._linear_impl) with Megatron's communication kept, not Megatron's own matmul.
+calls = {"onednn": 0, "megatron": 0}
+
+
+def _counting(key, fn):
+    def wrapped(*a, **k):
+        calls[key] += 1
+        return fn(*a, **k)
+    return wrapped
+
+
+linear_mod._onednn = _counting("onednn", linear_mod._onednn)
+megatron_layers.linear_with_grad_accumulation_and_async_allreduce = _counting(
+    "megatron", megatron_layers.linear_with_grad_accumulation_and_async_allreduce)
 
 init_distributed(args.tp, args.sp, backend="gloo")
 for case in map(Path, args.case):
@@ -41,6 +59,9 @@ for case in map(Path, args.case):
             result[f"grad.{key}"] = g
     save_file({k: v.contiguous() for k, v in result.items()}, str(case / f"rank{dist.get_rank()}.safetensors"))
     model.save_diffusers(case / "saved")
+    if args.tp > 1:
+        assert calls["megatron"] == 0 if linear_mod.onednn_available() else calls["megatron"] > 0, calls
+        assert calls["onednn"] > 0 if linear_mod.onednn_available() else calls["onednn"] == 0, calls
 
 # An invalid split must fail at construction with a message naming the field.
 bad = dataclasses.replace(model.config, num_attention_heads=6, attention_head_dim=16)

@@ -13,8 +13,9 @@ the compute dtype for matmul-type ops of half-precision models on CPUs without n
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from cogvx_ds.models.dit.linear import linear
 
 
 def _segments(n_text: int):
@@ -183,16 +184,22 @@ def compute_dtype(mode: str, dtype: torch.dtype, device: torch.device) -> torch.
 
 
 class Linear(nn.Linear):
-    """nn.Linear computing in its input's dtype (float32 input, half weights: the CPU fallback above)."""
+    """nn.Linear computing in its input's dtype (float32 input, half weights: the CPU fallback above), on the
+    CPU kernel `cpu_kernel` picks (cogvx_ds.models.dit.linear)."""
+
+    cpu_kernel = "auto"
 
     def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return linear(x, self.weight.to(x.dtype), bias, self.cpu_kernel)
 
 
 class PatchConv(nn.Conv2d):
     """The patch embedding (a Conv2d with kernel = stride = patch size, weights in Conv2d layout) computed as one
     matmul over patchified latents [B, F, C, H, W] -> tokens [B, F*h*w, D] in (f, h, w) order: no im2col and no
     transpose copy of the tokens. Computes in the input's dtype, like `Linear`."""
+
+    cpu_kernel = "auto"
 
     def forward(self, latents, start: int | None = None, end: int | None = None):
         """Tokens [start, end) only, when given (a sequence-parallel rank's slice)."""
@@ -201,4 +208,4 @@ class PatchConv(nn.Conv2d):
         x = latents.reshape(b, f, c, hh // p, p, ww // q, q).permute(0, 1, 3, 5, 2, 4, 6).flatten(4).flatten(1, 3)
         x = x[:, start:end]
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.flatten(1).to(x.dtype), bias)
+        return linear(x, self.weight.flatten(1).to(x.dtype), bias, self.cpu_kernel)

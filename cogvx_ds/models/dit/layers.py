@@ -15,6 +15,7 @@ from torch import nn
 
 from cogvx_ds.config import ModelConfig
 from cogvx_ds.models.dit.fused import ada_layer_norm, apply_rope_stream, gated_residual
+from cogvx_ds.models.dit.linear import linear, use_onednn
 from cogvx_ds.parallel import state
 from cogvx_ds.parallel.comm import copy_to_group
 from cogvx_ds.parallel.ulysses import full_attention, ulysses_attention
@@ -32,37 +33,51 @@ def _no_init(_weight):
     return None
 
 
-def _linear_impl(forward_impl, input, weight, **kwargs):
-    # A float32 input with half weights: the CPU fallback of `model.cpu_half_compute` (see fused.compute_dtype);
-    # the matmul runs in float32 from the half storage and gradients flow back to the half weights.
+def _linear_impl(module, forward_impl, input, weight, **kwargs):
+    """Megatron's local matmul (`_forward_impl`), in the input's dtype and on this CPU's faster kernel.
+
+    A float32 input with half weights is the CPU fallback of `model.cpu_half_compute` (see fused.compute_dtype):
+    the matmul runs in float32 from the half storage and gradients flow back to the half weights. Where
+    `linear.use_onednn` applies (float32 on an x86 CPU), Megatron's matmul is replaced by the oneDNN one; its
+    communication is kept: the column-parallel input gradient is summed over the TP group (`allreduce_dgrad`)
+    and the row-parallel output reduction stays in Megatron's forward. Megatron's sequence parallelism and
+    gradient-accumulation fusion (both off here, GPU features) keep Megatron's own path."""
+    bias = kwargs.get("bias")
     if weight.dtype != input.dtype:
         weight = weight.to(input.dtype)
-        if kwargs.get("bias") is not None:
-            kwargs["bias"] = kwargs["bias"].to(input.dtype)
+        if bias is not None:
+            kwargs["bias"] = bias = bias.to(input.dtype)
+    if (not kwargs.get("sequence_parallel") and not kwargs.get("gradient_accumulation_fusion")
+            and use_onednn(input, weight, bias, module.cpu_kernel)):
+        if kwargs.get("allreduce_dgrad"):
+            input = copy_to_group(input, kwargs.get("tp_group") or module.tp_group)
+        return linear(input, weight, bias, module.cpu_kernel)
     return forward_impl(input=input, weight=weight, **kwargs)
 
 
-class ColumnLinear(ColumnParallelLinear):
-    """Megatron's ColumnParallelLinear; a plain linear when there is no process group at all (no TP group to
-    talk to, which Megatron's mappings assert on). The matmul runs in the input's dtype."""
+class _LocalLinear:
+    """Shared by the column- and row-parallel layers: a plain linear when there is no process group at all (no
+    TP group to talk to, which Megatron's mappings assert on); the matmul runs in the input's dtype, on the
+    kernel `cpu_kernel` picks on CPUs (see cogvx_ds.models.dit.linear)."""
+
+    cpu_kernel = "auto"
 
     def forward(self, x):
         if self.tp_group is None:
-            return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None), None
+            bias = self.bias.to(x.dtype) if self.bias is not None else None
+            return linear(x, self.weight.to(x.dtype), bias, self.cpu_kernel), None
         return super().forward(x)
 
     def _forward_impl(self, input, weight, **kwargs):
-        return _linear_impl(super()._forward_impl, input, weight, **kwargs)
+        return _linear_impl(self, super()._forward_impl, input, weight, **kwargs)
 
 
-class RowLinear(RowParallelLinear):
-    def forward(self, x):
-        if self.tp_group is None:
-            return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None), None
-        return super().forward(x)
+class ColumnLinear(_LocalLinear, ColumnParallelLinear):
+    """Megatron's ColumnParallelLinear (see _LocalLinear)."""
 
-    def _forward_impl(self, input, weight, **kwargs):
-        return _linear_impl(super()._forward_impl, input, weight, **kwargs)
+
+class RowLinear(_LocalLinear, RowParallelLinear):
+    """Megatron's RowParallelLinear (see _LocalLinear)."""
 
 
 def _to(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

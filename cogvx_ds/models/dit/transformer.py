@@ -45,12 +45,15 @@ class CogVideoXTransformer(nn.Module):
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_channels, dim, cfg.text_embed_dim)
         self.time_embedding = TimestepMLP(dim, cfg.time_embed_dim)
         self.blocks = nn.ModuleList([ExpertBlock(cfg, mp) for _ in range(cfg.num_layers)])
-        if cfg.compile_blocks:
-            for block in self.blocks:
-                block.compile()  # in place: parameter names (checkpoints, ZeRO) stay those of the eager module
         self.norm_final = nn.LayerNorm(dim, eps=cfg.norm_eps, elementwise_affine=cfg.norm_elementwise_affine)
         self.norm_out = FinalAdaLN(cfg.time_embed_dim, dim, cfg.norm_eps, cfg.norm_elementwise_affine)
         self.proj_out = Linear(dim, cfg.patch_size**2 * cfg.out_channels)
+        for module in self.modules():  # the linear layers' CPU matmul kernel (cogvx_ds.models.dit.linear)
+            if hasattr(module, "cpu_kernel"):
+                module.cpu_kernel = cfg.cpu_linear
+        if cfg.compile_blocks:
+            for block in self.blocks:
+                block.compile()  # in place: parameter names (checkpoints, ZeRO) stay those of the eager module
         self._pos_cache: dict = {}
 
     # ---- construction / weights (implemented in cogvx_ds.checkpoint) ----

@@ -1,0 +1,96 @@
+"""The DiT's linear layers on x86 CPUs: float32 matmuls through oneDNN instead of aten's default (MKL sgemm).
+
+On this project's reference CPU the oneDNN inner-product primitive runs the block's linear shapes ([~1k tokens,
+512] x [512, 512..2048]) at 172-205 GFLOP/s against MKL's 130-175 (forward, bias fused) and 190-203 against
+144-179 for the input gradient; the weight gradient stays on MKL, which is as fast there
+(`benchmarks/dit_step.py --linear-kernels` times the whole training step both ways). Same float32 arithmetic, in
+another summation order: results differ from F.linear by float32 rounding only (tested against float64).
+
+`linear(x, w, b, kernel)` picks the kernel: "onednn" where it applies (a float32 CPU matmul and a PyTorch with
+oneDNN on x86-64), else F.linear; "aten" always F.linear; "auto" = "onednn". The oneDNN path is a
+`torch.library` custom op with its own autograd, so torch.compile (`model.compile_blocks`) keeps it as one
+opaque kernel.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+KERNELS = ("auto", "onednn", "aten")
+
+
+def _probe() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+        return False
+    return hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+_ONEDNN = _probe()
+
+
+def onednn_available() -> bool:
+    """oneDNN's float32 linear is used on x86-64 builds that have it (on ARM it may route to slower code)."""
+    return _ONEDNN
+
+
+def _onednn(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+@torch.library.custom_op("cogvx_ds::linear", mutates_args=())
+def _linear_op(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """x [..., in] @ w[out, in]^T + b."""
+    return _onednn(x, w, b)
+
+
+@_linear_op.register_fake
+def _(x, w, b):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+@torch.library.custom_op("cogvx_ds::linear_dgrad", mutates_args=())
+def _dgrad_op(g: Tensor, w: Tensor) -> Tensor:
+    """The input gradient g [..., out] @ w [out, in]: oneDNN reads w through its transposed view."""
+    return _onednn(g, w.t(), None)
+
+
+@_dgrad_op.register_fake
+def _(g, w):
+    return g.new_empty(*g.shape[:-1], w.shape[1])
+
+
+def _setup(ctx, inputs, output):
+    x, w, b = inputs
+    ctx.save_for_backward(x, w)
+    ctx.has_bias = b is not None
+
+
+def _backward(ctx, g):
+    x, w = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad
+    g2 = g.reshape(-1, g.shape[-1])
+    gx = _dgrad_op(g, w) if need_x else None
+    gw = torch.mm(g2.t(), x.reshape(-1, x.shape[-1])) if need_w else None
+    gb = g2.sum(0) if ctx.has_bias and need_b else None
+    return gx, gw, gb
+
+
+_linear_op.register_autograd(_backward, setup_context=_setup)
+
+
+def use_onednn(x: Tensor, w: Tensor, b: Tensor | None, kernel: str = "auto") -> bool:
+    if kernel not in KERNELS:
+        raise ValueError(f"linear kernel must be one of {KERNELS}, got {kernel!r}")
+    return (kernel != "aten" and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+            and (b is None or b.dtype == torch.float32) and x.dim() >= 2 and x.numel() > 0 and onednn_available())
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None = None, kernel: str = "auto") -> Tensor:
+    """F.linear(x, w, b), on oneDNN where `use_onednn` says so."""
+    if use_onednn(x, w, b, kernel):
+        return _linear_op(x, w, b)
+    return F.linear(x, w, b)
