@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+# COGVX_BENCH_RESULTS redirects the JSON (the tests' smoke runs use it so they never overwrite real results)
+RESULTS = Path(os.environ.get("COGVX_BENCH_RESULTS", Path(__file__).parent / "results"))
 
 
 def timeit(fn, warmup: int = 1, reps: int = 5, clock=time.perf_counter) -> list[float]:

@@ -1,0 +1,61 @@
+"""Smoke runs of the DiT step benchmark at toy sizes: every preset's model (2B: sin-cos positions and T5-XXL-wide
+text, 5B: RoPE) builds, steps and is timed side by side with diffusers' on the same weights, the JSON rows carry
+what the summary and the issue notes read, and the GPU options fail clearly where they cannot apply. The numbers
+themselves are not asserted (wall-clock on a shared CPU)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import common, dit_step  # noqa: E402
+
+TOY = ["--layers", "1", "--heads", "2", "--head-dim", "16", "--latent", "2", "8", "8", "--text-len", "8",
+       "--reps", "1", "--no-profile"]
+
+
+@pytest.mark.parametrize("preset", ["2b", "5b"])
+def test_dit_step_runs_each_preset_beside_diffusers(preset, tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    assert dit_step.main(["--preset", preset, "--dtypes", "fp32", "--linear-kernels", *TOY]) == 0
+    res = json.loads((tmp_path / "dit_step.json").read_text())
+    assert res["preset"] == preset and res["device"] == "cpu"
+    assert res["config"]["use_rotary_positional_embeddings"] == (preset == "5b")
+    assert res["config"]["text_embed_dim"] == 4096
+    variants = [r["variant"] for r in res["rows"]]
+    assert variants == ["ours", "ours[aten linear]"]
+    for row in res["rows"]:
+        assert row["tokens"] == 2 * 8 * 8 // 4 + 8
+        assert row["ours_s"] > 0 and row["diffusers_s"] > 0 and row["speedup"] > 0
+        assert row["matmul_peak_gflops"] > 0
+        assert row["ours_tokens_per_s"] == pytest.approx(row["tokens"] / row["ours_s"])
+
+
+def test_dit_step_profile_counts_the_onednn_linears(tmp_path, monkeypatch):
+    from cogvx_ds.models.dit.linear import onednn_available
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    args = [a for a in TOY if a != "--no-profile"]
+    assert dit_step.main(["--dtypes", "fp32", *args]) == 0
+    bd = json.loads((tmp_path / "dit_step.json").read_text())["breakdown"]["fp32/ours"]
+    # the blocks' matmuls are found (oneDNN's op included) and given FLOPs, whichever kernel ran them
+    assert bd["ms"]["linear"] > 0 and bd["linear_gflops"] > 0
+    if onednn_available():
+        assert bd["ms"].get("other", 0.0) < bd["ms"]["linear"]
+
+
+def test_dit_step_gpu_options_fail_clearly_without_a_gpu(capsys):
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            dit_step.main(["--device", "cuda", *TOY])
+        assert "no CUDA device" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        dit_step.main(["--spec-tflops", "989", *TOY])
+    assert "--spec-tflops is for GPU runs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        dit_step.main(["--device", "tpu", *TOY])
+    assert "--device must be cpu or cuda" in capsys.readouterr().err
