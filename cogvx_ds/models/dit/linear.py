@@ -9,12 +9,11 @@ another summation order: results differ from F.linear by float32 rounding only (
 `linear(x, w, b, kernel)` picks the kernel: "onednn" where it applies (a float32 CPU matmul and a PyTorch with
 oneDNN on x86-64), else F.linear; "aten" always F.linear; "auto" = "onednn". The oneDNN path is a
 `torch.library` custom op with its own autograd, so torch.compile (`model.compile_blocks`) keeps it as one
-opaque kernel.
+opaque kernel. (No `from __future__ import annotations` here: the ops' schemas are read from the annotations.)
 """
 
-from __future__ import annotations
-
 import platform
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +41,7 @@ def _onednn(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 
 
 @torch.library.custom_op("cogvx_ds::linear", mutates_args=())
-def _linear_op(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+def _linear_op(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:  # noqa: UP045 (schema inference)
     """x [..., in] @ w[out, in]^T + b."""
     return _onednn(x, w, b)
 
