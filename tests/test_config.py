@@ -93,3 +93,17 @@ def test_valid_parallel_layouts_pass():
     cfg = Config()
     assert video_tokens(cfg.model, 49, 480, 720) == 13 * 30 * 45 == 17550
     validate(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, sequence_parallel=2)), world_size=16)
+
+
+def test_cli_prints_the_resolved_config_before_data_exists_and_refuses_bad_values(capsys):
+    import yaml
+
+    from cogvx_ds.train.__main__ import main
+
+    assert main(["--config", "model/tiny", "model.cpu_linear=aten", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["cpu_linear"] == "aten" and printed["data"]["shards"] == []
+    assert main(["--config", "model/tiny"]) == 2  # training itself needs shards
+    assert "data.shards" in capsys.readouterr().err
+    assert main(["--config", "model/tiny", "model.cpu_linear=mkl", "--print-config"]) == 2
+    assert "model.cpu_linear = 'mkl'" in capsys.readouterr().err

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
         cfg = from_dict(apply_overrides(data, args.overrides))
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
         validate(cfg, world_size=world)
-        if not cfg.data.shards:
+        if not cfg.data.shards and not args.print_config:  # a config can be inspected before data exists
             raise ConfigError("data.shards = []: give latent shard paths, folders or index.json files")
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
