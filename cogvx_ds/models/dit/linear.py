@@ -68,17 +68,31 @@ def _setup(ctx, inputs, output):
     ctx.has_bias = b is not None
 
 
-def _backward(ctx, g):
+def _backward(ctx, g, dgrad=_dgrad_op):
     x, w = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
     g2 = g.reshape(-1, g.shape[-1])
-    gx = _dgrad_op(g, w) if need_x else None
+    gx = dgrad(g, w) if need_x else None
     gw = torch.mm(g2.t(), x.reshape(-1, x.shape[-1])) if need_w else None
     gb = g2.sum(0) if ctx.has_bias and need_b else None
     return gx, gw, gb
 
 
 _linear_op.register_autograd(_backward, setup_context=_setup)
+
+
+class _EagerLinear(torch.autograd.Function):
+    """The same forward and backward as the custom op, without the op dispatch around each call (about 0.1 ms a
+    call on a 2-core CPU); eager mode takes this one, torch.compile the op."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        _setup(ctx, (x, w, b), None)
+        return _onednn(x, w, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _backward(ctx, g, dgrad=lambda g_, w_: _onednn(g_, w_.t(), None))
 
 
 def use_onednn(x: Tensor, w: Tensor, b: Tensor | None, kernel: str = "auto") -> bool:
@@ -91,5 +105,5 @@ def use_onednn(x: Tensor, w: Tensor, b: Tensor | None, kernel: str = "auto") -> 
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None, kernel: str = "auto") -> Tensor:
     """F.linear(x, w, b), on oneDNN where `use_onednn` says so."""
     if use_onednn(x, w, b, kernel):
-        return _linear_op(x, w, b)
+        return _linear_op(x, w, b) if torch.compiler.is_compiling() else _EagerLinear.apply(x, w, b)
     return F.linear(x, w, b)
