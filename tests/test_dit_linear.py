@@ -111,3 +111,17 @@ def test_model_runs_its_linears_on_onednn_and_matches_aten(tmp_path, monkeypatch
     assert _rel(out_fast, out_aten) < 1e-5
     for name, grad in grads_aten.items():
         assert _rel(grads_fast[name], grad) < 1e-5, name
+
+
+@needs_onednn
+def test_flop_counter_counts_the_onednn_linear_like_f_linear():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = []
+    for fn in (linear, F.linear):
+        x = torch.randn(2, 10, 16, requires_grad=True)
+        w = torch.randn(32, 16, requires_grad=True)
+        with FlopCounterMode(display=False) as counter:
+            fn(x, w, torch.zeros(32)).sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] == 3 * 2 * 20 * 16 * 32  # forward, input gradient, weight gradient

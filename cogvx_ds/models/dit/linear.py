@@ -81,6 +81,27 @@ def _backward(ctx, g, dgrad=_dgrad_op):
 _linear_op.register_autograd(_backward, setup_context=_setup)
 
 
+def _register_flops() -> None:
+    """torch's FlopCounterMode has no formula for oneDNN's linear: give it the matmul's, so counting FLOPs of the
+    model (cogvx_ds.perf_model's check, a user's MFU) sees these linears as it sees F.linear's."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    packet = torch.ops.mkldnn._linear_pointwise
+    if packet in flop_registry:
+        return
+
+    @register_flop_formula(packet)
+    def _flops(x_shape, w_shape, *args, **kwargs) -> int:
+        rows = 1
+        for n in x_shape[:-1]:
+            rows *= n
+        return 2 * rows * x_shape[-1] * w_shape[0]
+
+
+if _ONEDNN:
+    _register_flops()
+
+
 class _EagerLinear(torch.autograd.Function):
     """The same forward and backward as the custom op, without the op dispatch around each call (about 0.1 ms a
     call on a 2-core CPU); eager mode takes this one, torch.compile the op."""
