@@ -14,17 +14,19 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from benchmarks.common import RESULTS  # noqa: E402  (honours COGVX_BENCH_RESULTS)
+
 BENCHES = ["dit_step.py", "vae_encode.py", "encode_throughput.py", "memory.py", "loader.py"]
 EXTRA_ARGS = {"dit_step.py": ["--linear-kernels"]}  # ours with the aten linear too: the oneDNN kernel's before/after
 
 
 def memory_summary() -> list[str]:
     """benchmarks/memory.py's measured-vs-analytic rows, then the analytic 2B/5B table (cogvx_ds.perf_model)."""
-    sys.path.insert(0, str(HERE.parent))
     from cogvx_ds.perf_model import Clip, markdown
 
     lines = []
-    mem = HERE / "results" / "memory.json"
+    mem = RESULTS / "memory.json"
     if mem.is_file():
         res = json.loads(mem.read_text())
         lines += ["", "## Memory per rank, measured vs analytic (cogvx_ds.perf_model)", "",
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
         if subprocess.run(cmd, cwd=HERE.parent).returncode != 0:
             failed.append(bench)
     lines = ["# Benchmark summary", ""]
-    dit = HERE / "results" / "dit_step.json"
+    dit = RESULTS / "dit_step.json"
     if dit.is_file():
         lines += ["## DiT training step (forward + backward + AdamW), ours vs diffusers, interleaved", "",
                   "| dtype | ours | tokens | ours s | diffusers s | diffusers/ours | tokens/s | model % of fp32 peak "
@@ -60,7 +62,7 @@ def main(argv=None) -> int:
                          f"{r['diffusers_s']:.3f} | {r['speedup']:.2f}x | {r.get('ours_tokens_per_s', 0):.0f} | "
                          f"{r['ours_pct_peak']:.0f}% | {lin} |")
     lines += memory_summary()
-    loader = HERE / "results" / "loader.json"
+    loader = RESULTS / "loader.json"
     if loader.is_file():
         r = json.loads(loader.read_text())
         lines += ["", "## Latent data loader vs one training step", "",
@@ -69,11 +71,11 @@ def main(argv=None) -> int:
                   f"| {r['config']} | {r['loader_samples_per_s']:.0f} | {r['step_samples_per_s']:.1f} | "
                   f"{r['ratio']:.1f}x | {r['data_wait_fraction']:.1%} |"]
     for name in ("vae_encode", "encode_throughput"):
-        path = HERE / "results" / f"{name}.json"
+        path = RESULTS / f"{name}.json"
         if path.is_file():
             lines += ["", f"## {name}", "", f"see `benchmarks/results/{name}.json`"]
-    (HERE / "results" / "summary.md").write_text("\n".join(lines) + "\n")
-    print(f"\nwrote {HERE / 'results' / 'summary.md'}")
+    (RESULTS / "summary.md").write_text("\n".join(lines) + "\n")
+    print(f"\nwrote {RESULTS / 'summary.md'}")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

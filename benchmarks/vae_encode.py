@@ -89,13 +89,18 @@ def main() -> None:
     p.add_argument("--height", type=int, default=None, help="frame height (default 64, quick 32)")
     p.add_argument("--width", type=int, default=None, help="frame width (default 96, quick 48)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks/results/vae_encode.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default: benchmarks/results/vae_encode.json (or $COGVX_BENCH_RESULTS/vae_encode.json)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.height = args.height or (32 if args.quick else 64)
     args.width = args.width or (48 if args.quick else 96)
+    if args.out is None:
+        sys.path.insert(0, str(REPO))
+        from benchmarks.common import RESULTS
+        args.out = RESULTS / "vae_encode.json"
     if args.worker:
         return worker(args)
 
