@@ -115,7 +115,9 @@ def main(argv=None) -> int:
                     help="GPU only: the card's datasheet dense peak in the benchmark dtype (e.g. 989 for H100/H200 "
                          "bf16), for an MFU against it beside the measured one")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--reps", type=int, default=7, help="timed rounds per dtype (bf16: min(reps, 3))")
+    ap.add_argument("--reps", type=int, default=15,
+                    help="timed rounds per dtype (bf16 on a CPU without native bf16 kernels: min(reps, 3), it is slow "
+                         "there); a 2-core VM's step-to-step noise is +-10%%, so fewer rounds give unsteady medians")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: this thread's CPU time (needs --threads 1); steadier than wall time on a CPU shared "
@@ -163,7 +165,7 @@ def main(argv=None) -> int:
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
     from cogvx_ds.models import CogVideoXTransformer
-    from cogvx_ds.models.dit.fused import compute_dtype
+    from cogvx_ds.models.dit.fused import compute_dtype, native_half_supported
 
     f, h, w = args.latent
     cfg = dict(num_attention_heads=args.heads, attention_head_dim=args.head_dim, in_channels=16, out_channels=16,
@@ -180,7 +182,7 @@ def main(argv=None) -> int:
     dim = args.heads * args.head_dim
     flops = args.batch * model_flops(args.layers, dim, tokens, args.head_dim, tokens, args.text_len)
 
-    rows, breakdowns = [], {}
+    rows, breakdowns, reps_used = [], {}, {}
     with tempfile.TemporaryDirectory() as d:
         ref.save_pretrained(d)
         for dt_name in args.dtypes:
@@ -211,7 +213,9 @@ def main(argv=None) -> int:
             for name, (step, _) in fns.items():  # warm-up (compiles the compiled variant)
                 for _ in range(3 if "compile" in name else 1):
                     step()
-            reps = args.reps if dt_name == "fp32" else min(args.reps, 3)
+            slow_half = device.type == "cpu" and dtype != torch.float32 and not native_half_supported(dtype)
+            reps = min(args.reps, 3) if slow_half else args.reps
+            reps_used[dt_name] = reps
             times = {k: [] for k in fns}
             fwd_bwd_times = {k: [] for k in fns}
             peaks = []
@@ -268,8 +272,8 @@ def main(argv=None) -> int:
     peak_desc = ("fp32 1536^3 matmul (best of aten and oneDNN)" if device.type == "cpu"
                  else "dense 8192^3 matmul in the step's dtype on the card (so % of peak = MFU)")
     print(f"\nDiT training step (forward + backward + AdamW), preset {args.preset}, {args.layers} layers, hidden {dim}, "
-          f"batch {args.batch}, {tokens} video + {args.text_len} text tokens, {where}; medians of {args.reps} "
-          f"interleaved rounds (bf16: {min(args.reps, 3)}); peak = {peak_desc}, per round")
+          f"batch {args.batch}, {tokens} video + {args.text_len} text tokens, {where}; medians of interleaved rounds "
+          f"({', '.join(f'{k}: {v}' for k, v in reps_used.items())}); peak = {peak_desc}, per round")
     columns = [("dtype", "dtype"), ("variant", "variant"), ("ours_s", "s/step", "{:.3f}"),
                ("diffusers_s", "diffusers s", "{:.3f}"), ("speedup", "diffusers/ours", "{:.2f}x"),
                ("ours_tokens_per_s", "tokens/s", "{:.0f}"), ("ours_gflops", "GFLOP/s", "{:.1f}"),
@@ -293,7 +297,8 @@ def main(argv=None) -> int:
                      ("big", "large: % of peak", "{:.0f}%"), ("share", "(FLOP share)", "{:.0%}")])
     path = write_results("dit_step", {"config": cfg, "batch": args.batch, "flops_per_step": flops, "rows": rows,
                                       "breakdown": breakdowns, "threads": torch.get_num_threads(),
-                                      "clock": args.clock, "preset": args.preset, "device": str(device)})
+                                      "clock": args.clock, "preset": args.preset, "device": str(device),
+                                      "rounds": reps_used})
     print(f"wrote {path}")
     return 0
 

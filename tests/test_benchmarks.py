@@ -21,7 +21,7 @@ def test_dit_step_runs_each_preset_beside_diffusers(preset, tmp_path, monkeypatc
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     assert dit_step.main(["--preset", preset, "--dtypes", "fp32", "--linear-kernels", *TOY]) == 0
     res = json.loads((tmp_path / "dit_step.json").read_text())
-    assert res["preset"] == preset and res["device"] == "cpu"
+    assert res["preset"] == preset and res["device"] == "cpu" and res["rounds"] == {"fp32": 1}
     assert res["config"]["use_rotary_positional_embeddings"] == (preset == "5b")
     assert res["config"]["text_embed_dim"] == 4096
     variants = [r["variant"] for r in res["rows"]]
