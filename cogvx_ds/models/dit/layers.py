@@ -15,7 +15,7 @@ from torch import nn
 
 from cogvx_ds.config import ModelConfig
 from cogvx_ds.models.dit.fused import ada_layer_norm, apply_rope_stream, gated_residual
-from cogvx_ds.models.dit.linear import linear, use_onednn
+from cogvx_ds.models.dit.linear import linear, onednn_linear, use_onednn
 from cogvx_ds.parallel import state
 from cogvx_ds.parallel.comm import copy_to_group
 from cogvx_ds.parallel.ulysses import full_attention, ulysses_attention
@@ -51,7 +51,7 @@ def _linear_impl(module, forward_impl, input, weight, **kwargs):
             and use_onednn(input, weight, bias, module.cpu_kernel)):
         if kwargs.get("allreduce_dgrad"):
             input = copy_to_group(input, kwargs.get("tp_group") or module.tp_group)
-        return linear(input, weight, bias, module.cpu_kernel)
+        return onednn_linear(input, weight, bias)
     return forward_impl(input=input, weight=weight, **kwargs)
 
 

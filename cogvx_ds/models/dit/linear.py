@@ -116,7 +116,11 @@ class _EagerLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _backward(ctx, g, dgrad=lambda g_, w_: _onednn(g_, w_.t(), None))
+        return _backward(ctx, g, dgrad=_dgrad_eager)
+
+
+def _dgrad_eager(g: Tensor, w: Tensor) -> Tensor:
+    return _onednn(g, w.t(), None)
 
 
 def use_onednn(x: Tensor, w: Tensor, b: Tensor | None, kernel: str = "auto") -> bool:
@@ -126,8 +130,11 @@ def use_onednn(x: Tensor, w: Tensor, b: Tensor | None, kernel: str = "auto") -> 
             and (b is None or b.dtype == torch.float32) and x.dim() >= 2 and x.numel() > 0 and onednn_available())
 
 
+def onednn_linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """The oneDNN linear with autograd, for callers that already checked `use_onednn`."""
+    return _linear_op(x, w, b) if torch.compiler.is_compiling() else _EagerLinear.apply(x, w, b)
+
+
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None, kernel: str = "auto") -> Tensor:
     """F.linear(x, w, b), on oneDNN where `use_onednn` says so."""
-    if use_onednn(x, w, b, kernel):
-        return _linear_op(x, w, b) if torch.compiler.is_compiling() else _EagerLinear.apply(x, w, b)
-    return F.linear(x, w, b)
+    return onednn_linear(x, w, b) if use_onednn(x, w, b, kernel) else F.linear(x, w, b)
