@@ -26,15 +26,29 @@ def timeit(fn, warmup: int = 1, reps: int = 5, clock=time.perf_counter) -> list[
     return times
 
 
-def matmul_peak_gflops(dtype: torch.dtype, n: int = 1536, reps: int = 5, clock=time.perf_counter) -> float:
-    """This machine's dense matmul rate (GFLOP/s) for square n x n matrices: the ceiling for linear layers. The
-    faster of aten's matmul (MKL on x86) and, where the DiT uses it, oneDNN's float32 linear: the peak is the
-    machine's, not one library's."""
+def device_clock(device: torch.device, clock=time.perf_counter):
+    """A clock that waits for the device's queued work first (CUDA kernels run asynchronously)."""
+    if device.type != "cuda":
+        return clock
+
+    def synced():
+        torch.cuda.synchronize(device)
+        return clock()
+    return synced
+
+
+def matmul_peak_gflops(dtype: torch.dtype, n: int = 1536, reps: int = 5, clock=time.perf_counter,
+                       device: torch.device | str = "cpu") -> float:
+    """This machine's dense matmul rate (GFLOP/s) for square n x n matrices: the ceiling for linear layers. On the
+    CPU, the faster of aten's matmul (MKL on x86) and, where the DiT uses it, oneDNN's float32 linear: the peak is
+    the machine's, not one library's. On a GPU (the MFU denominator), timed with device synchronisation."""
     from cogvx_ds.models.dit.linear import onednn_available
 
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    device = torch.device(device)
+    clock = device_clock(device, clock)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     kernels = [lambda: a @ b]
-    if dtype == torch.float32 and onednn_available():
+    if device.type == "cpu" and dtype == torch.float32 and onednn_available():
         kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
     best = min(min(timeit(k, warmup=2, reps=reps, clock=clock)) for k in kernels)
     return 2 * n**3 / best / 1e9

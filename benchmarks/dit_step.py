@@ -33,11 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
+    device_clock,
     matmul_peak_gflops,
     median,
     op_breakdown,
     print_table,
-    timeit,
     write_results,
 )
 
@@ -48,24 +48,6 @@ PRESETS = {
     "2b": dict(heads=30, head_dim=64, latent=[13, 60, 90], text_len=226, text_dim=4096, rope=False),
     "5b": dict(heads=48, head_dim=64, latent=[13, 60, 90], text_len=226, text_dim=4096, rope=True),
 }
-
-
-def device_clock(device: torch.device, clock=time.perf_counter):
-    """A clock that waits for the device's queued work first (CUDA kernels run asynchronously)."""
-    if device.type != "cuda":
-        return clock
-
-    def synced():
-        torch.cuda.synchronize(device)
-        return clock()
-    return synced
-
-
-def device_matmul_peak_gflops(device: torch.device, dtype: torch.dtype, n: int = 8192, reps: int = 10) -> float:
-    """Dense n x n matmul rate on an accelerator in `dtype` (the MFU denominator measured in this run)."""
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    best = min(timeit(lambda: a @ b, warmup=3, reps=reps, clock=device_clock(device)))
-    return 2 * n**3 / best / 1e9
 
 
 def model_flops(layers: int, dim: int, n_tokens: int, heads_dim: int, latent_patches: int, text_len: int) -> float:
@@ -222,7 +204,7 @@ def main(argv=None) -> int:
             names = list(fns)
             for r in range(reps):
                 peaks.append(matmul_peak_gflops(torch.float32, reps=3, clock=clock) if device.type == "cpu"
-                             else device_matmul_peak_gflops(device, dtype))
+                             else matmul_peak_gflops(dtype, n=8192, reps=10, device=device))
                 for name in names[r % len(names):] + names[:r % len(names)]:
                     total, fb = fns[name][0]()
                     times[name].append(total)
