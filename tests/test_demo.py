@@ -25,6 +25,9 @@ def test_quick_demo_runs_every_stage(tmp_path):
         assert list((run / stage / "tensorboard").iterdir())
         assert (run / stage / "checkpoints" / "latest").is_file()
     assert (run / "hq_finetune" / "config.yaml").read_text().count("sequence_parallel: 2") == 1
+    # ZeRO-3 where it partitions (HQ: SP=2 on 2 processes), ZeRO-2 in the one-process stages
+    for stage, zero in (("lq_pretrain", 2), ("hq_finetune", 3), ("caption_finetune", 2)):
+        assert f"zero_stage: {zero}\n" in (run / stage / "config.yaml").read_text(), stage
     assert len(list((run / "samples").glob("*.mp4"))) == 6
     assert (run / "vae" / "export" / "config.json").is_file() and (run / "shards_hq" / "index.json").is_file()
     for line in ("color", "shape", "motion", "chance"):
