@@ -270,9 +270,11 @@ def test_shipped_deepspeed_configs_train_the_same(shards, tmp_path):
     losses = {}
     for name, stage in (("zero3_bf16", 3), ("zero3_offload", 3), ("zero2", 2), ("cpu", 3)):
         run = tmp_path / name
-        train(*train_args(run, shards, "train.max_steps=2", f"train.ds_config=ds_configs/{name}.json",
-                          f"train.zero_stage={stage}"))
+        proc = train(*train_args(run, shards, "train.max_steps=2", f"train.ds_config=ds_configs/{name}.json",
+                                 f"train.zero_stage={stage}"))
         losses[name] = [m["loss"] for m in read_metrics(run)]
+        # one process: a hint that ZeRO-3 partitions nothing here, unless it offloads the parameters
+        assert ("ZeRO-3 over a single data x sequence parallel rank" in proc.stderr) == (name in ("zero3_bf16", "cpu"))
     ref = losses.pop("cpu")
     for name, got in losses.items():  # fp32 (train.precision from the config): only summation order differs
         assert got == pytest.approx(ref, rel=1e-6), name
