@@ -1,5 +1,6 @@
 """Trainer equivalence: 4 optimizer steps give the same losses and weights for 1 process, DP=2, TP=2, SP=2,
-TP=2 x DP=2 (ZeRO-3), and SP=2 under ZeRO-2; every run starts from the same random diffusers weights."""
+TP=2 x DP=2 (ZeRO-3), SP=2 with activation checkpointing (ZeRO-3 gathers each block as one unit, also for the
+recompute), and SP=2 under ZeRO-2; every run starts from the same random diffusers weights."""
 
 import pytest
 import torch
@@ -28,13 +29,14 @@ def setup(tmp_path_factory):
     return root, shards
 
 
-def _run(torchrun, root, shards, name, nproc, tp=1, sp=1, zero=3):
+def _run(torchrun, root, shards, name, nproc, tp=1, sp=1, zero=3, ckpt=False):
     micro = GLOBAL_BATCH // (nproc // (tp * sp))
     run = root / name
     torchrun(nproc, "-m", "cogvx_ds.train",
              *train_args(run, shards, f"train.init_from={root / 'init'}", f"train.micro_batch_size={micro}",
                          f"parallel.tensor_parallel={tp}", f"parallel.sequence_parallel={sp}",
-                         f"train.zero_stage={zero}", "train.save_every=100", "diffusion.caption_dropout=0.25"),
+                         f"train.zero_stage={zero}", "train.save_every=100", "diffusion.caption_dropout=0.25",
+                         f"model.activation_checkpointing={str(ckpt).lower()}"),
              timeout=600)
     return run
 
@@ -48,12 +50,13 @@ def reference(setup, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,nproc,tp,sp,zero", [
-    ("dp2", 2, 1, 1, 3), ("tp2", 2, 2, 1, 3), ("sp2", 2, 1, 2, 3), ("tp2dp2", 4, 2, 1, 3), ("sp2_zero2", 2, 1, 2, 2),
+@pytest.mark.parametrize("name,nproc,tp,sp,zero,ckpt", [
+    ("dp2", 2, 1, 1, 3, False), ("tp2", 2, 2, 1, 3, False), ("sp2", 2, 1, 2, 3, False),
+    ("tp2dp2", 4, 2, 1, 3, False), ("sp2_ckpt", 2, 1, 2, 3, True), ("sp2_zero2", 2, 1, 2, 2, False),
 ])
-def test_layouts_match_single_process(setup, reference, torchrun, name, nproc, tp, sp, zero):
+def test_layouts_match_single_process(setup, reference, torchrun, name, nproc, tp, sp, zero, ckpt):
     root, shards = setup
-    run = _run(torchrun, root, shards, name, nproc, tp, sp, zero)
+    run = _run(torchrun, root, shards, name, nproc, tp, sp, zero, ckpt)
     ref_m, got_m = read_metrics(reference), read_metrics(run)
     assert [m["step"] for m in got_m] == [1, 2, 3, 4]
     for a, b in zip(got_m, ref_m):
