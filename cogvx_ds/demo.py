@@ -145,7 +145,7 @@ def main(argv=None) -> int:
             timings[stage] = _run([*launch, *cmd], log, dict(env, OMP_NUM_THREADS="1"))
         else:
             # One process: ZeRO-3 would partition over a group of one and only add its per-module gather hooks
-            # (1.6x slower LQ steps for this 1.7M-parameter model); ZeRO-2 runs the same DeepSpeed engine and gives
+            # (1.5x slower LQ steps for this 1.7M-parameter model); ZeRO-2 runs the same DeepSpeed engine and gives
             # the same losses. The HQ stage above is the ZeRO-3 + sequence-parallel run.
             timings[stage] = _run([py, "-m", "cogvx_ds.train", *cmd, "train.zero_stage=2"], log, env)
         metrics = [json.loads(x) for x in (stage_run / "metrics.jsonl").read_text().splitlines()]

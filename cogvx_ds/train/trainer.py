@@ -173,7 +173,7 @@ class Trainer:
         zero = self.ds_config["zero_optimization"]
         if self.is_main and zero["stage"] == 3 and state.dp_sp_size() == 1 and "offload_param" not in zero:
             print("note: ZeRO-3 over a single data x sequence parallel rank partitions nothing and only adds its "
-                  "per-module hooks (1.6x slower steps for the demo's small model on a CPU); train.zero_stage=2 "
+                  "hooks (1.5x slower steps for the demo's small model on a CPU); train.zero_stage=2 "
                   "trains the same", file=sys.stderr, flush=True)
         self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
         self.schedule = NoiseSchedule.from_config(cfg.diffusion)
