@@ -101,12 +101,10 @@ def _category(name: str) -> str:
 
 
 def _gemm_dims(shapes) -> tuple[int, int, int]:
-    """(rows, inner, cols) of a oneDNN linear: input [..., in] @ weight [out, in]^T."""
-    x, w = shapes[0], shapes[1]
-    rows = 1
-    for n in x[:-1]:
-        rows *= n
-    return rows, x[-1], w[0]
+    """(rows, inner, cols) of a oneDNN linear from its recorded input shapes."""
+    from cogvx_ds.models.dit.linear import gemm_dims
+
+    return gemm_dims(shapes[0], shapes[1])
 
 
 def _matmul_flops(name: str, shapes) -> float:

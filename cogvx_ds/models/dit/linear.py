@@ -43,6 +43,19 @@ def _onednn(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
+def _dgrad(g: Tensor, w: Tensor) -> Tensor:
+    """The input gradient g [..., out] @ w [out, in]: oneDNN reads w through its transposed view."""
+    return _onednn(g, w.t(), None)
+
+
+def gemm_dims(x_shape, w_shape) -> tuple[int, int, int]:
+    """(rows, inner, cols) of a linear: input [..., in] @ weight [out, in]^T (its FLOPs: 2 x their product)."""
+    rows = 1
+    for n in x_shape[:-1]:
+        rows *= n
+    return rows, x_shape[-1], w_shape[0]
+
+
 @torch.library.custom_op("cogvx_ds::linear", mutates_args=())
 def _linear_op(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:  # noqa: UP045 (schema inference)
     """x [..., in] @ w[out, in]^T + b."""
@@ -56,8 +69,7 @@ def _(x, w, b):
 
 @torch.library.custom_op("cogvx_ds::linear_dgrad", mutates_args=())
 def _dgrad_op(g: Tensor, w: Tensor) -> Tensor:
-    """The input gradient g [..., out] @ w [out, in]: oneDNN reads w through its transposed view."""
-    return _onednn(g, w.t(), None)
+    return _dgrad(g, w)
 
 
 @_dgrad_op.register_fake
@@ -95,10 +107,8 @@ def _register_flops() -> None:
 
     @register_flop_formula(packet)
     def _flops(x_shape, w_shape, *args, **kwargs) -> int:
-        rows = 1
-        for n in x_shape[:-1]:
-            rows *= n
-        return 2 * rows * x_shape[-1] * w_shape[0]
+        rows, inner, cols = gemm_dims(x_shape, w_shape)
+        return 2 * rows * inner * cols
 
 
 if _ONEDNN:
@@ -116,11 +126,7 @@ class _EagerLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _backward(ctx, g, dgrad=_dgrad_eager)
-
-
-def _dgrad_eager(g: Tensor, w: Tensor) -> Tensor:
-    return _onednn(g, w.t(), None)
+        return _backward(ctx, g, dgrad=_dgrad)
 
 
 def use_onednn(x: Tensor, w: Tensor, b: Tensor | None, kernel: str = "auto") -> bool:
