@@ -5,7 +5,8 @@
   3. a tiny random T5 text encoder (one token per caption word); latents + text embeddings pre-encoded into
      webdataset shards at low resolution (LQ) and at higher resolution (HQ), both encodes at once
   4. three training stages of the expert transformer: LQ pretraining -> HQ fine-tuning (2 processes, Ulysses
-     sequence parallel) -> caption fine-tuning, each starting from the previous stage's weights
+     sequence parallel, ZeRO-3) -> caption fine-tuning, each starting from the previous stage's weights (the
+     one-process stages use ZeRO-2: ZeRO-3 over a single rank partitions nothing)
   5. videos sampled for the held-out prompts (DDIM, classifier-free guidance), written as mp4
   6. a score: simple colour / shape / motion classifiers read the decoded frames; accuracy next to chance
 
