@@ -84,6 +84,19 @@ _COPIES = {"aten::copy_", "aten::cat", "aten::fill_", "aten::zero_", "aten::clon
            "aten::select_backward", "aten::new_zeros", "aten::zeros", "aten::zeros_like", "aten::where"}
 
 
+# ops run inside these autograd Functions (the CPU tiled attention kernel: matmuls, softmax) count as attention
+_ATTENTION_SCOPES = ("_TiledAttention", "_TiledAttentionBackward")
+
+
+def _in_attention_scope(evt) -> bool:
+    parent = evt.cpu_parent
+    while parent is not None:
+        if parent.name in _ATTENTION_SCOPES:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def _category(name: str) -> str:
     if name in _MATMULS:
         return "linear"
@@ -147,7 +160,7 @@ def op_breakdown(fn, steps: int = 3) -> dict:
         ms: dict[str, float] = {}
         flops, us = [0.0, 0.0], [0.0, 0.0]  # all matmuls, large ones
         for evt in prof.events():
-            cat = _category(evt.name)
+            cat = "attention" if evt.name in _ATTENTION_SCOPES or _in_attention_scope(evt) else _category(evt.name)
             ms[cat] = ms.get(cat, 0.0) + evt.self_cpu_time_total / 1e3
             if cat == "linear":
                 f = _matmul_flops(evt.name, evt.input_shapes)

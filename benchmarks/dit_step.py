@@ -110,6 +110,9 @@ def main(argv=None) -> int:
     ap.add_argument("--linear-kernels", action="store_true",
                     help="also time ours with model.cpu_linear=aten (F.linear / MKL), the before of the oneDNN "
                          "linear kernel that ours uses by default on x86 CPUs")
+    ap.add_argument("--attention-kernels", action="store_true",
+                    help="also time ours with model.cpu_attention=sdpa (torch SDPA everywhere: the before of the CPU "
+                         "tiled attention kernel, which the default routes bfloat16 to)")
     ap.add_argument("--bf16-native", action="store_true",
                     help="also time ours with native bf16 matmuls (model.cpu_half_compute=native)")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-op breakdown")
@@ -184,6 +187,9 @@ def main(argv=None) -> int:
             if args.linear_kernels:
                 variants["ours_aten"] = build(cpu_linear="aten")
                 label["ours_aten"] = label["ours"] + "[aten linear]"
+            if args.attention_kernels:
+                variants["ours_sdpa"] = build(cpu_attention="sdpa")
+                label["ours_sdpa"] = label["ours"] + "[sdpa attention]"
             if args.bf16_native and dt_name == "bf16":
                 variants["ours_native"] = build(cpu_half_compute="native")
                 label["ours_native"] = "ours[native bf16]"

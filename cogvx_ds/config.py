@@ -63,6 +63,11 @@ class ModelConfig:
     # benchmarks/dit_step.py --linear-kernels), "aten" on F.linear. Same maths up to float32 rounding; no
     # effect on GPUs, half-precision matmuls or other CPUs.
     cpu_linear: str = "auto"
+    # attention on CPUs: "auto" runs bfloat16 attention of up to 3,072 tokens on a tiled-math kernel (1.4-3x faster
+    # than SDPA's CPU flash kernel there; it keeps the attention probabilities for backward, at most 256 MiB per
+    # layer) and the rest on torch SDPA; "sdpa" always SDPA; "tiled" always the tiled kernel. Same maths up to
+    # rounding; no effect on GPUs (cogvx_ds.models.dit.attention).
+    cpu_attention: str = "auto"
     # torch.compile each transformer block (inductor; on CPUs it needs a C++ compiler). Numerically checked
     # against eager in tests; pays off only in steady state (the first steps compile, for minutes on small CPUs).
     compile_blocks: bool = False
@@ -328,6 +333,8 @@ def validate_model(m: ModelConfig, tp: int = 1, sp: int = 1) -> None:
              "must be auto, fp32 or native")
     _require(m.cpu_linear in ("auto", "onednn", "aten"), "model.cpu_linear", m.cpu_linear,
              "must be auto, onednn or aten")
+    _require(m.cpu_attention in ("auto", "tiled", "sdpa"), "model.cpu_attention", m.cpu_attention,
+             "must be auto, tiled or sdpa")
     _require(m.in_channels == m.out_channels, "model.out_channels", m.out_channels,
              f"must equal model.in_channels ({m.in_channels}): the model predicts v in latent space")
 

@@ -124,7 +124,8 @@ def flops_per_sample(m: ModelConfig, n_text: int, n_video: int, recompute: bool 
 
 
 # --------------------------------------------------------------------------------------------------- activations
-def _layer_saved(m: ModelConfig, n_text: int, n_video: int, sp: int, tp: int, dtype_bytes: int) -> float:
+def _layer_saved(m: ModelConfig, n_text: int, n_video: int, sp: int, tp: int, dtype_bytes: int,
+                 attention: str = "sdpa") -> float:
     """Bytes one ExpertBlock leaves for its backward on one rank (micro-batch 1), tensor by tensor.
 
     A block works on one [text; video] stream: under Ulysses SP each rank holds 1/SP of the text tokens and 1/SP
@@ -142,22 +143,26 @@ def _layer_saved(m: ModelConfig, n_text: int, n_video: int, sp: int, tp: int, dt
     full = 6 * d * tok
     split = 3 * dl * tok + 8 * dl * tok  # QKV output (the QK-norm input; v is a view of it), fc1 and GELU outputs
     stats = (2 * 2 + 2 * 2 * heads) * tok * f32  # mean/rstd of the two AdaLN norms and of the QK norms
-    if sp == 1:  # SDPA saves q and k (rotated, or the QK-norm outputs), the qkv view v, and its output (= proj input)
-        attention = 3 * dl * tok * e + heads * tok * f32
+    if attention == "tiled":  # the CPU tiled kernel (models.dit.attention): its own per-head copies of q (scaled), k
+        # and v, its output, the probabilities (heads/SP x all tokens^2), and the proj input (a re-laid-out copy)
+        saved = 4 * dl * seq * e + heads * (n_text + n_video) * seq * e + dl * tok * e
+    elif sp == 1:  # SDPA saves q and k (rotated, or the QK-norm outputs), the qkv view v, and its output (= proj input)
+        saved = 3 * dl * tok * e + heads * tok * f32
     else:  # Ulysses: the received q/k/v buffer (SDPA reads views of it) and SDPA's output over seq x heads/SP,
         # plus the re-joined output for proj; the rotated q, k before the all-to-all are not kept
-        attention = 4 * dl * seq * e + heads * seq * f32 + dl * tok * e
-    return (full + split) * e + stats + attention
+        saved = 4 * dl * seq * e + heads * seq * f32 + dl * tok * e
+    return (full + split) * e + stats + saved
 
 
 def activation_bytes(m: ModelConfig, n_text: int, n_video: int, sp: int = 1, tp: int = 1, dtype_bytes: int = 2,
-                     checkpointing: bool = False, micro_batch: int = 1) -> dict:
+                     checkpointing: bool = False, micro_batch: int = 1, attention: str = "sdpa") -> dict:
     """Activation memory of one rank: `stored` is what the forward leaves alive for backward (what a
     measurement right after forward sees, the output excluded); `peak` adds, with checkpointing, one block's
-    recomputed activations during backward."""
+    recomputed activations during backward. `attention`: "sdpa" (flash on GPUs, and the CPU default in float32)
+    or "tiled" (the CPU kernel that keeps the attention probabilities, `cogvx_ds.models.dit.attention`)."""
     e, d = dtype_bytes, m.inner_dim
     tok = n_text / sp + n_video // sp  # this rank's [text; video] stream
-    layer = _layer_saved(m, n_text, n_video, sp, tp, e)
+    layer = _layer_saved(m, n_text, n_video, sp, tp, e, attention)
     block_input = tok * d * e  # the [text; video] stream entering a block
     # outside the blocks: the patch-matmul input (the patchified copy of all latents; an SP rank's slice is a view
     # of it) and the text-projection input (a view of the whole text input); then on the whole stream, text rows

@@ -45,7 +45,10 @@ megatron_layers.linear_with_grad_accumulation_and_async_allreduce = _counting(
 
 init_distributed(args.tp, args.sp, backend="gloo")
 for case in map(Path, args.case):
-    model = CogVideoXTransformer.from_diffusers(case / "model")
+    # a "-tiled" case runs every attention on the CPU tiled kernel (models.dit.attention; under SP it gets the
+    # all-to-all's strided q/k/v views); the single-process reference stays on SDPA
+    overrides = {"cpu_attention": "tiled"} if case.name.endswith("-tiled") else {}
+    model = CogVideoXTransformer.from_diffusers(case / "model", **overrides)
     inputs = load_file(str(case / "inputs.safetensors"))
     x, text = inputs["x"].requires_grad_(True), inputs["text"].requires_grad_(True)
     out = model(x, text, inputs["t"])

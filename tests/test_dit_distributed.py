@@ -40,8 +40,8 @@ def test_tp_sp_match_single_process(tp, sp, tmp_path, torchrun):
     """Both model families per launch: output, input gradients, and full parameter gradients (SP shares
     summed, TP shards gathered) equal one process; save_diffusers under TP/SP writes the original weights.
     7 text tokens: under SP=2 the ranks hold 4 and 3 of them (uneven all-to-all); batch 1 and 2 (the all-to-all
-    layouts differ)."""
-    kinds = ["5b", "2b", "5b-batch1"]
+    layouts differ). "5b-tiled": the ranks run the CPU tiled attention kernel, the reference SDPA."""
+    kinds = ["5b", "2b", "5b-batch1", "5b-tiled"]
     for kind in kinds:
         case = tmp_path / kind
         make_reference(kind.split("-")[0]).save_pretrained(case / "model")

@@ -9,7 +9,7 @@ A second all-to-all returns each token's output to its rank.
 
 Layout work is kept to one copy per direction: q, k, v are packed once into the send buffer, and with one
 sample per micro-batch the received buffer is already [tokens, 3, heads, d], so SDPA reads q, k, v as strided
-views of it without a copy.
+views of it without a copy (the CPU tiled kernel, `cogvx_ds.models.dit.attention`, copies them per head anyway).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 
 def _pack(xs, sp: int) -> torch.Tensor:
@@ -90,10 +89,3 @@ def ulysses_attention(q, k, v, sizes: list[int], group, attention):
     out = attention(*qkv.unbind(2))
     return _FromHeads.apply(out, sizes, group)
 
-
-def full_attention(q, k, v):
-    """Full attention; q, k, v [B, S, heads, d] (any strides) -> [B, S, heads, d].
-
-    SDPA reads them through transposed views: no copy into [B, heads, S, d] (the CPU flash kernel runs as fast on
-    these strides), and its output comes back in [B, S, heads, d] memory order, ready for the projection."""
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)

@@ -7,6 +7,8 @@ fused Functions in `fused.py` without splitting and re-joining the stream.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from megatron.core.model_parallel_config import ModelParallelConfig
@@ -14,11 +16,12 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from torch import nn
 
 from cogvx_ds.config import ModelConfig
+from cogvx_ds.models.dit.attention import attention
 from cogvx_ds.models.dit.fused import ada_layer_norm, apply_rope_stream, gated_residual
 from cogvx_ds.models.dit.linear import linear, onednn_linear, use_onednn
 from cogvx_ds.parallel import state
 from cogvx_ds.parallel.comm import copy_to_group
-from cogvx_ds.parallel.ulysses import full_attention, ulysses_attention
+from cogvx_ds.parallel.ulysses import ulysses_attention
 
 
 def megatron_config(tp: int) -> ModelParallelConfig:
@@ -125,6 +128,7 @@ class Attention(nn.Module):
         tp = state.tp_size()
         dim, self.head_dim = cfg.inner_dim, cfg.attention_head_dim
         self.local_heads = cfg.num_attention_heads // tp
+        self.kernel = cfg.cpu_attention  # cogvx_ds.models.dit.attention
         # Fused QKV: this rank's shard is [q; k; v] of its own heads (see cogvx_ds.checkpoint.layout).
         self.qkv = ColumnLinear(dim, 3 * dim, config=mp, init_method=_no_init, bias=cfg.attention_bias,
                                 gather_output=False, tp_group=state.tp_group())
@@ -143,9 +147,9 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope_stream(q, rope), apply_rope_stream(k, rope)
         if sp_sizes is None:
-            out = full_attention(q, k, v)
+            out = attention(q, k, v, self.kernel)
         else:
-            out = ulysses_attention(q, k, v, sp_sizes, state.sp_group(), full_attention)
+            out = ulysses_attention(q, k, v, sp_sizes, state.sp_group(), partial(attention, kernel=self.kernel))
         out, _ = self.proj(out.flatten(2))
         return out.to(x.dtype)
 

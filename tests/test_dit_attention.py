@@ -1,0 +1,149 @@
+"""The CPU tiled-math attention kernel (cogvx_ds.models.dit.attention) against float64 attention, SDPA's own
+error, gradcheck and diffusers; and the route that picks it."""
+
+import pytest
+import torch
+from dit_helpers import forward_backward, make_inputs, make_reference, reference_forward_backward, rel_err
+
+from cogvx_ds.config import ConfigError, ModelConfig, validate_model
+from cogvx_ds.models import CogVideoXTransformer
+from cogvx_ds.models.dit import attention as A
+
+FP32_TOL = 1e-5  # float32 against float64; observed 4e-7 to 1e-6, as SDPA's float32 error
+# bfloat16 against float64: at most BF16_RATIO x SDPA's error on the same (rounded) inputs, and below BF16_MAX.
+# Observed 2.3e-3 to 8.6e-3, 0.7-2.4x SDPA's (the most for the output at logit scale 6: about one bfloat16 ulp,
+# from rounding S - rowmax and P). Rounding the raw scores S to bfloat16 instead makes the output error 5-7x
+# SDPA's at logit scale 6 and fails here.
+BF16_RATIO, BF16_MAX = 3.0, 1.2e-2
+
+
+def _qkv(b, s, heads, d, dtype, logit_scale=3.0, seed=0):
+    """q, k, v as strided views of one [B, S, 3, heads, d] tensor (the model's fused-QKV layout); k scaled so
+    that the logits have a standard deviation of about `logit_scale`."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, s, 3, heads, d, generator=g, dtype=torch.float64)
+    qkv[:, :, 1] *= logit_scale
+    return qkv.to(dtype).requires_grad_()
+
+
+def _run(qkv, cotangent, fn):
+    qkv.grad = None
+    out = fn(*qkv.unbind(2))
+    out.backward(cotangent)
+    return out.detach().double(), qkv.grad.double()
+
+
+def _errors(qkv, cotangent, fn):
+    """Relative errors of the output and of the q, k, v gradients against float64 attention on the same inputs."""
+    exact = qkv.detach().double().requires_grad_()
+    ref_out, ref_grad = _run(exact, cotangent.double(), A.sdpa_attention)
+    out, grad = _run(qkv, cotangent, fn)
+    return [rel_err(out, ref_out)] + [rel_err(grad[:, :, i], ref_grad[:, :, i]) for i in range(3)]
+
+
+SHAPES = [(2, 100, 3, 32), (1, 333, 4, 64), (3, 17, 2, 16)]
+
+
+@pytest.mark.parametrize("tile_bytes", [A.TILE_BYTES, 40_000], ids=["default_tiles", "small_tiles"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_tiled_attention_float32_matches_float64(shape, tile_bytes, monkeypatch):
+    """Output and all three input gradients; small tiles split the (sample, head) pairs into several tiles and a
+    remainder."""
+    monkeypatch.setattr(A, "TILE_BYTES", tile_bytes)
+    qkv = _qkv(*shape, torch.float32)
+    cot = torch.randn(*shape, dtype=torch.float32)
+    for err in _errors(qkv, cot, lambda q, k, v: A.attention(q, k, v, "tiled")):
+        assert err < FP32_TOL
+
+
+@pytest.mark.parametrize("logit_scale", [1.0, 6.0])
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: "x".join(map(str, s)))
+def test_tiled_attention_bfloat16_is_as_accurate_as_sdpa(shape, logit_scale):
+    qkv = _qkv(*shape, torch.bfloat16, logit_scale)
+    cot = torch.randn(*shape).to(torch.bfloat16)
+    ours = _errors(qkv, cot, lambda q, k, v: A.attention(q, k, v, "tiled"))
+    sdpa = _errors(qkv, cot, A.sdpa_attention)
+    for name, e, ref in zip(["output", "dq", "dk", "dv"], ours, sdpa):
+        assert e < BF16_MAX and e < BF16_RATIO * ref, (name, e, ref)
+
+
+def test_tiled_attention_gradcheck():
+    for shape, tile in [((2, 7, 3, 4), 7 * 7 * 8 * 2), ((1, 5, 2, 8), 1 << 20)]:  # 3 tiles (2 + 2 + 2), one tile
+        qkv = _qkv(*shape, torch.float64, logit_scale=1.0)
+        old, A.TILE_BYTES = A.TILE_BYTES, tile
+        try:
+            assert torch.autograd.gradcheck(lambda x: A.attention(*x.unbind(2), kernel="tiled"), (qkv,))
+        finally:
+            A.TILE_BYTES = old
+
+
+def test_tiled_attention_without_autograd_matches(monkeypatch):
+    """Under no_grad only one tile of probabilities lives at a time; the output is the same."""
+    monkeypatch.setattr(A, "TILE_BYTES", 40_000)
+    for dtype in (torch.float32, torch.bfloat16):
+        qkv = _qkv(2, 100, 3, 32, dtype)
+        with_grad = A.attention(*qkv.unbind(2), kernel="tiled")
+        with torch.no_grad():
+            without = A.attention(*qkv.unbind(2), kernel="tiled")
+        torch.testing.assert_close(without, with_grad.detach(), rtol=0, atol=0)
+
+
+def test_route():
+    bf = torch.empty(1, 1088, 8, 64, dtype=torch.bfloat16)
+    assert A.use_tiled(bf, "auto")
+    assert not A.use_tiled(bf, "sdpa")
+    assert not A.use_tiled(bf.float(), "auto")  # float32: SDPA is as fast on CPUs
+    assert A.use_tiled(bf.float(), "tiled")
+    long = torch.empty(1, A.TILED_MAX_TOKENS[torch.bfloat16] + 1, 2, 64, dtype=torch.bfloat16)
+    assert not A.use_tiled(long, "auto")
+    big = torch.empty(64, 1088, 8, 64, dtype=torch.bfloat16)  # 1.2 GB of probabilities to keep
+    assert not A.use_tiled(big, "auto") and A.use_tiled(big, "auto", needs_grad=False)
+    if torch.cuda.is_available():
+        assert not A.use_tiled(bf.cuda(), "auto")
+    with pytest.raises(ValueError, match="attention kernel"):
+        A.use_tiled(bf, "flash")
+    with pytest.raises(ConfigError, match="model.cpu_attention"):
+        validate_model(ModelConfig(cpu_attention="flash"))
+
+
+def test_the_model_on_the_tiled_kernel_matches_diffusers(tmp_path):
+    """float32, the whole model (RoPE, expert AdaLN, text + video tokens) with every attention on the tiled
+    kernel, against diffusers (SDPA): the parity tolerance of test_dit_parity."""
+    ref = make_reference("5b")
+    ref.save_pretrained(tmp_path)
+    ours = CogVideoXTransformer.from_diffusers(tmp_path, cpu_attention="tiled")
+    x, text, t, probe = make_inputs("5b", (3, 8, 12))
+    expected = reference_forward_backward(ref, "5b", x, text, t, probe)
+    calls = []
+    real = A._TiledAttention.apply
+    A._TiledAttention.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        got = forward_backward(ours, x, text, t, probe)
+    finally:
+        A._TiledAttention.apply = real
+    assert len(calls) == ours.config.num_layers
+    for a, b in zip(got, expected):
+        assert rel_err(a, b) < FP32_TOL
+
+
+def test_bfloat16_model_is_as_accurate_on_either_kernel(tmp_path):
+    """bfloat16 models, auto (the tiled kernel at this size) and cpu_attention=sdpa, against the float32 model:
+    the output, input and all-parameter gradient errors of the tiled one within 1.25x of SDPA's (observed: 0.73%
+    vs 0.73% output, 0.86% vs 0.85% parameter gradients)."""
+    make_reference("5b").save_pretrained(tmp_path)
+    inputs = make_inputs("5b", (3, 8, 12))
+    reference = CogVideoXTransformer.from_diffusers(tmp_path)
+    expected = forward_backward(reference, *inputs)
+    x, text, t, probe = (u.to(torch.bfloat16) if u.dtype == torch.float32 and u.dim() > 1 else u for u in inputs)
+
+    def grads(m):
+        return torch.cat([p.grad.double().flatten() for p in m.parameters()])
+
+    errors = {}
+    for kernel in ("auto", "sdpa"):
+        m = CogVideoXTransformer.from_diffusers(tmp_path, dtype=torch.bfloat16, cpu_attention=kernel,
+                                                cpu_half_compute="native")
+        got = forward_backward(m, x, text, t, probe)
+        errors[kernel] = [rel_err(a, b) for a, b in zip(got, expected)] + [rel_err(grads(m), grads(reference))]
+    for tiled, sdpa in zip(errors["auto"], errors["sdpa"]):
+        assert tiled < 1.25 * sdpa, errors
