@@ -6,7 +6,7 @@ same shapes run at 300-400. Up to a few thousand tokens one head's scores fit in
 materialising them and using the fast matmuls wins. Forward + backward against SDPA, bfloat16, interleaved medians:
 1.66x at 256 tokens x 8 heads x 64, 1.48x at 1,088, 1.44x at 2,048, even at 4,096; 2.3-3.1x for the demo's
 shapes (batch 32, 4 heads x 32, 64-124 tokens). In float32 SDPA's kernel already runs at matmul speed and the tiled
-kernel is 0.9x, so the "auto" route keeps float32 on SDPA. (`benchmarks/dit_step.py --attention-kernels` times the
+kernel is 0.92-0.99x, so the "auto" route keeps float32 on SDPA. (`benchmarks/dit_step.py --attention-kernels` times the
 whole training step both ways.)
 
 The kernel works on a few (sample, head) pairs at a time, as many as keep one tile of scores within `TILE_BYTES`:
