@@ -118,6 +118,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-profile", action="store_true", help="skip the per-op breakdown")
     ap.add_argument("--quick", action="store_true", help="seconds: 1 layer, 512 tokens, 2 rounds")
     args = ap.parse_args(argv)
+    from cogvx_ds.utils import tune_malloc
+
+    tune_malloc()  # as the trainer does; this process runs both implementations, so both get it
     preset = PRESETS[args.preset]
     for key in ("heads", "head_dim", "latent", "text_len"):
         if getattr(args, key) is None:

@@ -145,6 +145,9 @@ def main(argv=None) -> int:
     ap.add_argument("--latent-scale", type=float, help="factor the latents were multiplied by in training (default: "
                                                        "data.latent_scale of the run, else the VAE's scaling_factor)")
     args = ap.parse_args(argv)
+    from cogvx_ds.utils import tune_malloc
+
+    tune_malloc()
 
     prompts = list(args.prompt)
     if args.prompts_file:

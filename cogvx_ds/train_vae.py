@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. recon=l2 disc_start=50")
     args = p.parse_args(argv)
+    from cogvx_ds.utils import tune_malloc
+
+    tune_malloc()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     overrides = list(args.overrides)
     for flag, key in ((args.run_dir, "run_dir"), (args.steps, "steps"), (args.lpips_path, "lpips_path")):

@@ -42,9 +42,10 @@ def main(argv=None) -> int:
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
-    from cogvx_ds.utils import single_process_env
+    from cogvx_ds.utils import single_process_env, tune_malloc
 
     single_process_env()
+    tune_malloc()
     from cogvx_ds.train.trainer import Trainer
 
     try:
