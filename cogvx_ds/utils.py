@@ -32,6 +32,13 @@ def single_process_env() -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def is_glibc() -> bool:
+    """Linux with glibc (where mallopt and its tunables exist)."""
+    import platform
+
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX")
@@ -43,14 +50,13 @@ def tune_malloc() -> bool:
     float32 model: 5-31k minor faults and 20-70 ms of kernel CPU time per step by default, 0.1-0.4k and under
     1 ms tuned (tests/test_malloc.py checks a smaller model). Sets a fixed 32 MiB mmap threshold (glibc's
     largest; bigger blocks are still mapped and unmapped) and no trimming of the heap top, keeping the memory as
-    jemalloc/tcmalloc would. The process's resident memory then stays at its peak. Skipped when any MALLOC_* tunable is set in
-    the environment (yours win) or COGVX_DS_MALLOC=default. Returns whether it changed anything."""
+    jemalloc/tcmalloc would. The process's resident memory then stays at its peak. Skipped when any MALLOC_*
+    tunable is set in the environment (yours win) or COGVX_DS_MALLOC=default. Returns whether it changed anything."""
     import ctypes
-    import platform
 
     if os.environ.get("COGVX_DS_MALLOC") == "default" or any(k in os.environ for k in _MALLOC_ENV):
         return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not is_glibc():
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -67,14 +67,11 @@ def test_tiled_attention_bfloat16_is_as_accurate_as_sdpa(shape, logit_scale):
         assert e < BF16_MAX and e < BF16_RATIO * ref, (name, e, ref)
 
 
-def test_tiled_attention_gradcheck():
+def test_tiled_attention_gradcheck(monkeypatch):
     for shape, tile in [((2, 7, 3, 4), 7 * 7 * 8 * 2), ((1, 5, 2, 8), 1 << 20)]:  # 3 tiles (2 + 2 + 2), one tile
         qkv = _qkv(*shape, torch.float64, logit_scale=1.0)
-        old, A.TILE_BYTES = A.TILE_BYTES, tile
-        try:
-            assert torch.autograd.gradcheck(lambda x: A.attention(*x.unbind(2), kernel="tiled"), (qkv,))
-        finally:
-            A.TILE_BYTES = old
+        monkeypatch.setattr(A, "TILE_BYTES", tile)
+        assert torch.autograd.gradcheck(lambda x: A.attention(*x.unbind(2), kernel="tiled"), (qkv,))
 
 
 def test_tiled_attention_without_autograd_matches(monkeypatch):
@@ -106,7 +103,7 @@ def test_route():
         validate_model(ModelConfig(cpu_attention="flash"))
 
 
-def test_the_model_on_the_tiled_kernel_matches_diffusers(tmp_path):
+def test_the_model_on_the_tiled_kernel_matches_diffusers(tmp_path, monkeypatch):
     """float32, the whole model (RoPE, expert AdaLN, text + video tokens) with every attention on the tiled
     kernel, against diffusers (SDPA): the parity tolerance of test_dit_parity."""
     ref = make_reference("5b")
@@ -116,11 +113,8 @@ def test_the_model_on_the_tiled_kernel_matches_diffusers(tmp_path):
     expected = reference_forward_backward(ref, "5b", x, text, t, probe)
     calls = []
     real = A._TiledAttention.apply
-    A._TiledAttention.apply = lambda *a: calls.append(1) or real(*a)
-    try:
-        got = forward_backward(ours, x, text, t, probe)
-    finally:
-        A._TiledAttention.apply = real
+    monkeypatch.setattr(A._TiledAttention, "apply", lambda *a: calls.append(1) or real(*a))
+    got = forward_backward(ours, x, text, t, probe)
     assert len(calls) == ours.config.num_layers
     for a, b in zip(got, expected):
         assert rel_err(a, b) < FP32_TOL

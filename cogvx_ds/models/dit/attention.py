@@ -66,11 +66,9 @@ def use_tiled(q, kernel: str = "auto", needs_grad: bool = True) -> bool:
 def attention(q, k, v, kernel: str = "auto"):
     """Full attention; q, k, v [B, S, heads, d] (any strides) -> [B, S, heads, d]."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if not use_tiled(q, kernel, needs_grad):
+    if q.numel() == 0 or not use_tiled(q, kernel, needs_grad):
         return sdpa_attention(q, k, v)
     b, s, heads, d = q.shape
-    if q.numel() == 0:
-        return sdpa_attention(q, k, v)
     pairs = [t.transpose(1, 2).reshape(b * heads, s, d).contiguous() for t in (q, k, v)]  # [B*heads, S, d]
     out = _TiledAttention.apply(*pairs, needs_grad)
     return out.view(b, heads, s, d).transpose(1, 2)
