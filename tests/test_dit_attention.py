@@ -89,10 +89,11 @@ def test_route():
     bf = torch.empty(1, 1088, 8, 64, dtype=torch.bfloat16)
     assert A.use_tiled(bf, "auto")
     assert not A.use_tiled(bf, "sdpa")
-    assert not A.use_tiled(bf.float(), "auto")  # float32: SDPA is as fast on CPUs
-    assert A.use_tiled(bf.float(), "tiled")
-    long = torch.empty(1, A.TILED_MAX_TOKENS[torch.bfloat16] + 1, 2, 64, dtype=torch.bfloat16)
-    assert not A.use_tiled(long, "auto")
+    assert A.use_tiled(bf.float(), "auto")
+    assert not A.use_tiled(bf.half(), "auto") and A.use_tiled(bf.half(), "tiled")
+    for dtype in (torch.bfloat16, torch.float32):
+        long = torch.empty(1, A.TILED_MAX_TOKENS[dtype] + 1, 2, 64, dtype=dtype)
+        assert not A.use_tiled(long, "auto") and A.use_tiled(long[:, :-1], "auto")
     big = torch.empty(64, 1088, 8, 64, dtype=torch.bfloat16)  # 1.2 GB of probabilities to keep
     assert not A.use_tiled(big, "auto") and A.use_tiled(big, "auto", needs_grad=False)
     if torch.cuda.is_available():

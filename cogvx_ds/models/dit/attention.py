@@ -1,13 +1,16 @@
-"""Full attention over [B, S, heads, d] streams: torch SDPA, or on CPUs in bfloat16 a tiled-math kernel.
+"""Full attention over [B, S, heads, d] streams: torch SDPA, or on CPUs up to a few thousand tokens a tiled-math
+kernel.
 
-Why a second kernel: on CPUs PyTorch's SDPA runs its flash-attention kernel, which in bfloat16 reaches about 140
+Why a second kernel: on CPUs PyTorch's SDPA runs its flash-attention kernel. In bfloat16 it reaches about 140
 GFLOP/s on this project's reference CPU (2 AVX-512 cores with bf16 dot products), while bfloat16 matmuls of the
-same shapes run at 300-400. Up to a few thousand tokens one head's scores fit in memory and the cache, so
-materialising them and using the fast matmuls wins. Forward + backward against SDPA, bfloat16, interleaved medians:
-1.66x at 256 tokens x 8 heads x 64, 1.48x at 1,088, 1.44x at 2,048, even at 4,096; 2.3-3.1x for the demo's
-shapes (batch 32, 4 heads x 32, 64-124 tokens). In float32 SDPA's kernel already runs at matmul speed and the tiled
-kernel is 0.92-0.99x, so the "auto" route keeps float32 on SDPA. (`benchmarks/dit_step.py --attention-kernels` times the
-whole training step both ways.)
+same shapes run at 300-400; in float32 it does 14 S^2 d FLOPs per head (the backward recomputes the scores) at
+60-65% of the matmul peak. Up to a few thousand tokens one head's scores fit in memory and the cache, so
+materialising them and using plain matmuls (12 S^2 d) wins. Forward + backward against SDPA, interleaved medians:
+    bfloat16  1.48x at 256 tokens x 8 heads x 64, 1.41x at 1,088 and at 2,048, even at 4,096; 2.4x for the demo's
+              shapes (batch 32, 4 heads x 32, 124 tokens)
+    float32   1.05x at 256, 1.06x at 768, 1.10-1.12x at 1,088, 1.04x at 1,536, 0.98x at 2,048; 1.04x at the demo's
+So the "auto" route takes it up to `TILED_MAX_TOKENS` per dtype. (`benchmarks/dit_step.py --attention-kernels`
+times the whole training step both ways.)
 
 The kernel works on a few (sample, head) pairs at a time, as many as keep one tile of scores within `TILE_BYTES`:
     forward   S = (q / sqrt(d)) k^T,  P = softmax(S),  O = P v             (P and O are kept for backward)
@@ -36,8 +39,8 @@ import torch.nn.functional as F
 
 KERNELS = ("auto", "tiled", "sdpa")
 TILE_BYTES = 4 << 20  # scores per tile: 4 MiB stays in the L3 cache between the matmul and the softmax
-# The "auto" route's longest sequence per dtype (bfloat16: 1.44x at 2,048 tokens, even at 4,096); other dtypes: SDPA
-TILED_MAX_TOKENS = {torch.bfloat16: 3072}
+# The "auto" route's longest sequence per dtype (see the module docstring); other dtypes (float16, float64): SDPA
+TILED_MAX_TOKENS = {torch.bfloat16: 3072, torch.float32: 1536}
 TILED_MAX_SAVED_BYTES = 256 << 20  # the kept probabilities of one call
 
 
@@ -96,7 +99,11 @@ def _hi_lo(x, dtype):
 
 
 class _TiledAttention(torch.autograd.Function):
-    """q, k, v [N, S, d] contiguous (N = batch x heads) -> O [N, S, d]; see the module docstring."""
+    """q, k, v [N, S, d] contiguous (N = batch x heads) -> O [N, S, d]; see the module docstring.
+
+    Every matmul writes into its destination (`out=`): the output's and the gradients' tiles, a kept tile of
+    probabilities, and in the backward one dS buffer reused by all tiles, so no tile-sized temporaries are
+    allocated and copied (fresh multi-MiB outputs cost page faults and cache misses: 1.1-1.3x the matmul)."""
 
     @staticmethod
     def forward(ctx, q, k, v, keep: bool):
@@ -107,16 +114,20 @@ class _TiledAttention(torch.autograd.Function):
         c = _tile(n, s, q.dtype)
         out = torch.empty_like(q)
         probs = []
+        scores = None
         for i in range(0, n, c):
             j = min(n, i + c)
+            if keep or scores is None or scores.shape[0] != j - i:
+                scores = q.new_empty(j - i, s, s)
             if half:  # the row maxima (to a rounding) from a first pass: S - max is then computed in float32
-                shift = -torch.bmm(qs[i:j], k[i:j].transpose(1, 2)).amax(-1, keepdim=True)
+                torch.bmm(qs[i:j], k[i:j].transpose(1, 2), out=scores)
+                shift = scores.amax(-1, keepdim=True).neg_()
                 qa = _augment(qs[i:j], torch.cat([shift, torch.zeros_like(shift)], -1))
-                scores = torch.bmm(qa, _augment(k[i:j], 1.0).transpose(1, 2))
+                torch.bmm(qa, _augment(k[i:j], 1.0).transpose(1, 2), out=scores)
             else:
-                scores = torch.bmm(qs[i:j], k[i:j].transpose(1, 2))
+                torch.bmm(qs[i:j], k[i:j].transpose(1, 2), out=scores)
             p = torch._softmax(scores, -1, False, out=scores)
-            out[i:j] = torch.bmm(p, v[i:j])
+            torch.bmm(p, v[i:j], out=out[i:j])
             if keep:
                 probs.append(p)
         if keep:
@@ -129,17 +140,26 @@ class _TiledAttention(torch.autograd.Function):
         qs, k, v, out, *probs = ctx.saved_tensors
         g = g.contiguous()
         n, c = qs.shape[0], ctx.tile
+        half = qs.element_size() < 4
         acc = torch.promote_types(qs.dtype, torch.float32)
         dq, dk, dv = torch.empty_like(qs), torch.empty_like(k), torch.empty_like(v)
+        # D = rowsum(dP * P) = rowsum(dO * O), for all pairs at once
+        rowsum = (g.to(acc) * out.to(acc)).sum(-1, keepdim=True)
+        ds = None
         for t, i in enumerate(range(0, n, c)):
             j = min(n, i + c)
             p = probs[t]
-            dv[i:j] = torch.bmm(p.transpose(1, 2), g[i:j])
-            # dS = P * (dP - D), D = rowsum(dP * P) = rowsum(dO * O): one matmul gives dP - D with D as two extra
-            # columns (hi + lo), accumulated in float32 and rounded once
-            rowsum = (g[i:j].to(acc) * out[i:j].to(acc)).sum(-1)
-            ga = _augment(g[i:j], -_hi_lo(rowsum, g.dtype))
-            ds = torch.bmm(ga, _augment(v[i:j], 1.0).transpose(1, 2)).mul_(p)
-            dq[i:j] = torch.bmm(ds, k[i:j])
-            dk[i:j] = torch.bmm(ds.transpose(1, 2), qs[i:j])
+            if ds is None or ds.shape[0] != j - i:
+                ds = torch.empty_like(p)
+            torch.bmm(p.transpose(1, 2), g[i:j], out=dv[i:j])
+            # dS = P * (dP - D): one matmul gives dP - D, accumulated in float32 and rounded once. In half
+            # precision D enters as two extra columns of dO (hi + lo); in float32 as baddbmm's added input.
+            if half:
+                ga = _augment(g[i:j], -_hi_lo(rowsum[i:j, :, 0], g.dtype))
+                torch.bmm(ga, _augment(v[i:j], 1.0).transpose(1, 2), out=ds)
+            else:
+                torch.baddbmm(rowsum[i:j].neg(), g[i:j], v[i:j].transpose(1, 2), out=ds)
+            ds.mul_(p)
+            torch.bmm(ds, k[i:j], out=dq[i:j])
+            torch.bmm(ds.transpose(1, 2), qs[i:j], out=dk[i:j])
         return dq.mul_(ctx.scale), dk, dv, None
