@@ -42,6 +42,9 @@ SHAPE_ARGS = ["--radius", "0.22,0.28", "--travel", "0.2"]
 TEXT_LEN = 16  # tokens per caption: the demo's captions have at most 10 words (+ </s>)
 
 
+_HINT = ""  # set by main when the run dir already held a demo: its steps resume from what is there
+
+
 def _run(cmd: list, log: Path, env: dict | None = None) -> float:
     return _run_together([cmd], [log], env)
 
@@ -60,7 +63,7 @@ def _run_together(cmds: list[list], logs: list[Path], env: dict | None) -> float
             for other in procs:
                 other.kill()
             tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
-            raise SystemExit(f"step failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+            raise SystemExit(f"step failed (exit {proc.returncode}); last lines of {log}:\n{tail}{_HINT}")
     return time.time() - t0
 
 
@@ -86,6 +89,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     n_vid, n_img, n_held, vae_steps, lq_steps, hq_steps, cap_steps, batch, sample_steps = PRESETS[args.preset]
     run = Path(args.run_dir).resolve()
+    global _HINT
+    if run.is_dir() and any(run.iterdir()):
+        _HINT = (f"\n{run} already held a demo run, and each step resumes from what it finds there; if that "
+                 f"was made by another version or other settings, remove it or pass --run-dir NEW_DIR")
     run.mkdir(parents=True, exist_ok=True)
     log = run / "demo.log"
     py = sys.executable

@@ -280,3 +280,27 @@ def test_shipped_deepspeed_configs_train_the_same(shards, tmp_path):
         assert got == pytest.approx(ref, rel=1e-6), name
     proc = train(*train_args(tmp_path / "x", shards, "train.ds_config=ds_configs/zero2.json"), check=False)
     assert proc.returncode != 0 and "sets ZeRO stage 2 but train.zero_stage = 3" in proc.stderr
+
+
+@pytest.mark.slow
+def test_resume_under_another_layout_fails_early_and_names_it(shards, tmp_path):
+    """A run dir resumed with another ZeRO stage: a clear error before the engine is built, not DeepSpeed's
+    assertion deep in its loader; also for checkpoints written before the stage was recorded (told from
+    DeepSpeed's file names). ZeRO-1 <-> 2 resumes (the same partitioned optimizer states)."""
+    train(*train_args(tmp_path, shards, "train.zero_stage=3", "train.max_steps=2"))
+    state_file = tmp_path / "checkpoints" / "step00000002" / "trainer_state.json"
+    st = json.loads(state_file.read_text())
+    assert st["zero_stage"] == 3 and st["world_size"] == 1
+    for old_format in (False, True):
+        if old_format:
+            st.pop("zero_stage")
+            state_file.write_text(json.dumps(st))
+        proc = train(*train_args(tmp_path, shards, "train.zero_stage=2", "train.max_steps=3"), check=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "zero_stage=3; this run has zero_stage=2" in proc.stderr and "train.init_from" in proc.stderr
+        assert "Traceback" not in proc.stderr and len(read_metrics(tmp_path)) == 2
+
+    stage1 = tmp_path / "stage1"
+    train(*train_args(stage1, shards, "train.zero_stage=1", "train.max_steps=2"))
+    train(*train_args(stage1, shards, "train.zero_stage=2", "train.max_steps=3"))
+    assert [m["step"] for m in read_metrics(stage1)] == [1, 2, 3]

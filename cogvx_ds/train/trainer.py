@@ -102,6 +102,11 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _zero_kind(stage) -> str:
+    """ZeRO stages whose DeepSpeed checkpoints load into each other: 0 | 1, 2 (partitioned optimizer) | 3."""
+    return {0: "0", 3: "3"}.get(stage, "1-2")
+
+
 def build_engine(cfg: Config, ds_config: dict):
     """The DeepSpeed engine around the transformer (weights from train.init_from or a seeded init)."""
     import deepspeed
@@ -178,6 +183,7 @@ class Trainer:
                   "trains the same", file=sys.stderr, flush=True)
         self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
         self.schedule = NoiseSchedule.from_config(cfg.diffusion)
+        self.resume_tag = self._check_resumable()  # before the engine is built: a mismatch fails in seconds
         self.engine, self.model = build_engine(cfg, self.ds_config)
         from cogvx_ds.train.ema import EMA
 
@@ -377,7 +383,7 @@ class Trainer:
         dist.barrier()  # every rank has written its part
         if self.is_main:
             trainer_state = {"step": step, "data_position": position, "config_hash": config_hash(self.cfg),
-                             "world_size": self.world, "tp": state.tp_size(), "sp": state.sp_size(),
+                             **self._layout(),
                              "rng": "stateless: draws are keyed by (train.seed, step, global sample index)",
                              "nonfinite_skipped": self.nonfinite_total}
             atomic_write_text(self.ckpt_dir / tag / "trainer_state.json", json.dumps(trainer_state, indent=2))
@@ -387,15 +393,52 @@ class Trainer:
                 shutil.rmtree(self.ckpt_dir / old, ignore_errors=True)
         dist.barrier()
 
-    def _resume(self) -> tuple[int, int]:
+    def _layout(self) -> dict:
+        """What a DeepSpeed checkpoint's partitioning depends on: it only loads under the same values."""
+        return {"world_size": self.world, "tp": state.tp_size(), "sp": state.sp_size(),
+                "zero_stage": self.ds_config["zero_optimization"]["stage"]}
+
+    def _check_resumable(self) -> str | None:
+        """The tag to resume from (None: a fresh run), after checking that its checkpoint was written by the same
+        model/diffusion config and under the same layout (world size, TP, SP, ZeRO-3 or not). A mismatch is an
+        error naming both sides: DeepSpeed would otherwise fail deep inside its loader, or not at all."""
         latest = self.ckpt_dir / "latest"
         if not latest.is_file():
-            return 0, 0
+            return None
         tag = latest.read_text().strip()
-        st = json.loads((self.ckpt_dir / tag / "trainer_state.json").read_text())
+        state_file = self.ckpt_dir / tag / "trainer_state.json"
+        if not state_file.is_file():
+            raise FileNotFoundError(f"{latest} names checkpoint {tag!r}, but {state_file} is missing: the run dir "
+                                    f"is damaged; point {latest} at an intact step* checkpoint or use a new "
+                                    f"train.run_dir")
+        st = json.loads(state_file.read_text())
         if st["config_hash"] != config_hash(self.cfg):
             raise ValueError(f"{self.ckpt_dir / tag}: model/diffusion config differs from the checkpoint's; "
                              f"use a new train.run_dir, or train.init_from to start from its weights")
+        now = self._layout()
+        saved = {k: st[k] for k in now if k in st}
+        if "zero_stage" not in saved:  # written before it was recorded: tell it from DeepSpeed's file names
+            files = [f.name for f in (self.ckpt_dir / tag).iterdir()]
+            saved["zero_stage"] = (3 if any(f.startswith("zero_pp_rank_") and f.endswith("_model_states.pt") for f in files)
+                                   else "1 or 2" if any(f.endswith("_optim_states.pt") for f in files) else 0)
+        differ = [k for k in now if k in saved and (
+            _zero_kind(saved[k]) != _zero_kind(now[k]) if k == "zero_stage" else saved[k] != now[k])]
+        if differ:
+            was = ", ".join(f"{k}={saved[k]}" for k in differ)
+            new = ", ".join(f"{k}={now[k]}" for k in differ)
+            raise ValueError(
+                f"{self.ckpt_dir / tag} was written with {was}; this run has {new}. A DeepSpeed checkpoint resumes "
+                f"only under the layout it was written with (ZeRO stages 1 and 2 are interchangeable). Resume "
+                f"with that layout, or export its weights with it (python -m cogvx_ds.export --run-dir "
+                f"{self.run_dir} --checkpoint {tag} ..., launched like the training) and start a new "
+                f"train.run_dir with train.init_from=<export>/transformer")
+        return tag
+
+    def _resume(self) -> tuple[int, int]:
+        tag = self.resume_tag
+        if tag is None:
+            return 0, 0
+        st = json.loads((self.ckpt_dir / tag / "trainer_state.json").read_text())
         self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
         if self.ema is not None:
             self.ema.load(self.ckpt_dir / tag / f"ema_rank{self.rank:05d}.safetensors")
