@@ -94,6 +94,8 @@ def test_route():
     for dtype in (torch.bfloat16, torch.float32):
         long = torch.empty(1, A.TILED_MAX_TOKENS[dtype] + 1, 2, 64, dtype=dtype)
         assert not A.use_tiled(long, "auto") and A.use_tiled(long[:, :-1], "auto")
+    short = torch.empty(32, A.TILED_MIN_TOKENS[torch.float32] - 1, 4, 32)  # float32, many short sequences: SDPA
+    assert not A.use_tiled(short, "auto") and A.use_tiled(short.bfloat16(), "auto")
     big = torch.empty(64, 1088, 8, 64, dtype=torch.bfloat16)  # 1.2 GB of probabilities to keep
     assert not A.use_tiled(big, "auto") and A.use_tiled(big, "auto", needs_grad=False)
     if torch.cuda.is_available():
