@@ -17,7 +17,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from benchmarks.common import RESULTS  # noqa: E402  (honours COGVX_BENCH_RESULTS)
 
-BENCHES = ["dit_step.py", "vae_encode.py", "encode_throughput.py", "memory.py", "loader.py"]
+BENCHES = ["dit_step.py", "attention.py", "vae_encode.py", "encode_throughput.py", "memory.py", "loader.py"]
 EXTRA_ARGS = {"dit_step.py": ["--linear-kernels"]}  # ours with the aten linear too: the oneDNN kernel's before/after
 
 
@@ -70,6 +70,13 @@ def main(argv=None) -> int:
                   "|---|---|---|---|---|",
                   f"| {r['config']} | {r['loader_samples_per_s']:.0f} | {r['step_samples_per_s']:.1f} | "
                   f"{r['ratio']:.1f}x | {r['data_wait_fraction']:.1%} |"]
+    attn = RESULTS / "attention.json"
+    if attn.is_file():
+        lines += ["", "## Attention on the CPU: tiled kernel vs torch SDPA (forward + backward)", "",
+                  "| dtype | threads | B x S x H x d | tiled ms | SDPA ms | SDPA/tiled | auto picks |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['dtype']} | {r['threads']} | {r['shape']} | {r['tiled_ms']:.2f} | {r['sdpa_ms']:.2f} | "
+                  f"{r['sdpa_over_tiled']:.2f}x | {r['auto']} |" for r in json.loads(attn.read_text())["rows"]]
     for name in ("vae_encode", "encode_throughput"):
         path = RESULTS / f"{name}.json"
         if path.is_file():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import common, dit_step  # noqa: E402
+from benchmarks import attention, common, dit_step  # noqa: E402
 
 TOY = ["--layers", "1", "--heads", "2", "--head-dim", "16", "--latent", "2", "8", "8", "--text-len", "8",
        "--reps", "1", "--no-profile"]
@@ -61,3 +61,14 @@ def test_dit_step_gpu_options_fail_clearly_without_a_gpu(capsys):
     with pytest.raises(SystemExit):
         dit_step.main(["--device", "tpu", *TOY])
     assert "--device must be cpu or cuda" in capsys.readouterr().err
+
+
+def test_attention_benchmark_times_both_kernels_and_reports_the_route(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    assert attention.main(["--dtypes", "fp32", "--threads", "1", "--rounds", "2",
+                           "--shapes", "1x600x2x16", "2x40x2x8"]) == 0
+    rows = json.loads((tmp_path / "attention.json").read_text())["rows"]
+    assert [(r["shape"], r["auto"]) for r in rows] == [("1x600x2x16", "tiled"), ("2x40x2x8", "sdpa")]
+    assert all(r["tiled_ms"] > 0 and r["sdpa_ms"] > 0 and r["sdpa_over_tiled"] > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        attention.main(["--shapes", "1x600x2"])

@@ -94,8 +94,17 @@ def test_route():
     for dtype in (torch.bfloat16, torch.float32):
         long = torch.empty(1, A.TILED_MAX_TOKENS[dtype] + 1, 2, 64, dtype=dtype)
         assert not A.use_tiled(long, "auto") and A.use_tiled(long[:, :-1], "auto")
-    short = torch.empty(32, A.TILED_MIN_TOKENS[torch.float32] - 1, 4, 32)  # float32, many short sequences: SDPA
-    assert not A.use_tiled(short, "auto") and A.use_tiled(short.bfloat16(), "auto")
+    # float32, many short sequences: the tiled kernel with two threads or more, SDPA on one thread
+    short = torch.empty(32, A.TILED_MIN_TOKENS_ONE_THREAD[torch.float32] - 1, 4, 32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert A.use_tiled(short, "auto")
+        torch.set_num_threads(1)
+        assert not A.use_tiled(short, "auto") and A.use_tiled(short.bfloat16(), "auto")
+        assert A.use_tiled(torch.empty(1, A.TILED_MIN_TOKENS_ONE_THREAD[torch.float32], 4, 32), "auto")
+    finally:
+        torch.set_num_threads(threads)
     big = torch.empty(64, 1088, 8, 64, dtype=torch.bfloat16)  # 1.2 GB of probabilities to keep
     assert not A.use_tiled(big, "auto") and A.use_tiled(big, "auto", needs_grad=False)
     if torch.cuda.is_available():

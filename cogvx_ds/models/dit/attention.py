@@ -6,13 +6,15 @@ GFLOP/s on this project's reference CPU (2 AVX-512 cores with bf16 dot products)
 same shapes run at 300-400; in float32 it does 14 S^2 d FLOPs per head (the backward recomputes the scores) at
 60-65% of the matmul peak. Up to a few thousand tokens one head's scores fit in memory and the cache, so
 materialising them and using plain matmuls (12 S^2 d) wins. Forward + backward against SDPA, interleaved medians:
-    bfloat16  1.48x at 256 tokens x 8 heads x 64, 1.41x at 1,088 and at 2,048, even at 4,096; 2.4x for the demo's
-              shapes (batch 32, 4 heads x 32, 124 tokens)
-    float32   2 threads: 1.05x at 256, 1.06x at 768, 1.10-1.12x at 1,088, 1.04x at 1,536, 0.98x at 2,048; at the
-              demo's shapes 0.95-1.10x. 1 thread: 1.02x at 256, 1.04x at 512, 1.15x at 1,088, 1.04x at 1,536, but
-              0.84-0.99x at the demo's (many short sequences per tile: SDPA's flash loop is as good there)
-So the "auto" route takes it between `TILED_MIN_TOKENS` and `TILED_MAX_TOKENS` per dtype.
-(`benchmarks/dit_step.py --attention-kernels` times the whole training step both ways.)
+    bfloat16  2 threads: 1.32-1.48x at 256 tokens x 8 heads x 64, 1.31-1.41x at 1,088, 1.40x at 2,048, even at
+              4,096; 2.2-3.0x at the demo's shapes (batch 32, 2-4 heads x 32, 64-124 tokens); 1 thread 1.5-4x
+    float32   2 threads: 0.96-1.05x at 256, 1.06-1.17x at 512-768, 1.07-1.12x at 1,088, 1.00-1.04x at 1,536,
+              0.98-1.02x at 2,048; 1.13-1.32x at the demo's shapes (batch 32, 32-124 tokens, where SDPA hardly
+              gains from the second thread). 1 thread: 1.02-1.04x at 256, 1.04-1.08x at 512, 1.14-1.15x at 1,088,
+              1.04-1.07x at 1,536, but 0.84-1.00x at the demo's (SDPA's flash loop is as good there)
+So the "auto" route takes it up to `TILED_MAX_TOKENS` per dtype, and for float32 on one thread only from
+`TILED_MIN_TOKENS_ONE_THREAD`. `benchmarks/attention.py` prints this table for the CPU it runs on;
+`benchmarks/dit_step.py --attention-kernels` times the whole training step both ways.
 
 The kernel works on a few (sample, head) pairs at a time, as many as keep one tile of scores within `TILE_BYTES`:
     forward   S = (q / sqrt(d)) k^T,  P = softmax(S),  O = P v             (P and O are kept for backward)
@@ -43,7 +45,9 @@ KERNELS = ("auto", "tiled", "sdpa")
 TILE_BYTES = 4 << 20  # scores per tile: 4 MiB stays in the L3 cache between the matmul and the softmax
 # The "auto" route's longest sequence per dtype (see the module docstring); other dtypes (float16, float64): SDPA
 TILED_MAX_TOKENS = {torch.bfloat16: 3072, torch.float32: 1536}
-TILED_MIN_TOKENS = {torch.float32: 512}
+# float32 with one thread: from this many tokens (below, many short sequences per tile gain nothing over SDPA's flash
+# loop: 0.84-1.00x); with two or more threads SDPA scales poorly on short sequences and the tiled kernel wins there
+TILED_MIN_TOKENS_ONE_THREAD = {torch.float32: 512}
 TILED_MAX_SAVED_BYTES = 256 << 20  # the kept probabilities of one call
 
 
@@ -64,7 +68,8 @@ def use_tiled(q, kernel: str = "auto", needs_grad: bool = True) -> bool:
     if kernel == "tiled":
         return True
     b, s, heads, _ = q.shape
-    if q.device.type != "cpu" or not TILED_MIN_TOKENS.get(q.dtype, 0) <= s <= TILED_MAX_TOKENS.get(q.dtype, 0):
+    shortest = TILED_MIN_TOKENS_ONE_THREAD.get(q.dtype, 0) if torch.get_num_threads() == 1 else 0
+    if q.device.type != "cpu" or not shortest <= s <= TILED_MAX_TOKENS.get(q.dtype, 0):
         return False
     return not needs_grad or b * heads * s * s * q.element_size() <= TILED_MAX_SAVED_BYTES
 
