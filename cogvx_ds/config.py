@@ -63,10 +63,10 @@ class ModelConfig:
     # benchmarks/dit_step.py --linear-kernels), "aten" on F.linear. Same maths up to float32 rounding; no
     # effect on GPUs, half-precision matmuls or other CPUs.
     cpu_linear: str = "auto"
-    # attention on CPUs: "auto" runs bfloat16 attention of up to 3,072 tokens and float32 attention of 512 to 1,536
-    # tokens on a tiled-math kernel (bfloat16 1.4-2.4x faster than SDPA's CPU flash kernel there, float32
-    # 1.04-1.15x; it keeps the attention probabilities for backward, at most 256 MiB per layer) and the rest on
-    # torch SDPA; "sdpa" always SDPA; "tiled" always the tiled kernel. Same maths up to
+    # attention on CPUs: "auto" runs bfloat16 attention of up to 3,072 tokens and float32 attention of up to 1,536
+    # tokens (from 512 on one thread) on a tiled-math kernel (bfloat16 1.3-3x faster than SDPA's CPU flash kernel
+    # there, float32 1.04-1.3x; it keeps the attention probabilities for backward, at most 256 MiB per layer) and
+    # the rest on torch SDPA; "sdpa" always SDPA; "tiled" always the tiled kernel. Same maths up to
     # rounding; no effect on GPUs (cogvx_ds.models.dit.attention).
     cpu_attention: str = "auto"
     # torch.compile each transformer block (inductor; on CPUs it needs a C++ compiler). Numerically checked

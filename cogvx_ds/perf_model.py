@@ -160,7 +160,7 @@ def activation_bytes(m: ModelConfig, n_text: int, n_video: int, sp: int = 1, tp:
     measurement right after forward sees, the output excluded); `peak` adds, with checkpointing, one block's
     recomputed activations during backward. `attention`: "sdpa" (flash: on GPUs, and on CPUs outside
     the tiled kernel's range) or "tiled" (the CPU kernel that keeps the attention probabilities, taken by
-    `model.cpu_attention=auto` for bfloat16 up to 3,072 tokens and float32 from 512 to 1,536: see
+    `model.cpu_attention=auto` for bfloat16 up to 3,072 tokens and float32 up to 1,536: see
     `cogvx_ds.models.dit.attention.use_tiled`)."""
     e, d = dtype_bytes, m.inner_dim
     tok = n_text / sp + n_video // sp  # this rank's [text; video] stream
