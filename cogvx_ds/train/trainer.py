@@ -400,8 +400,8 @@ class Trainer:
 
     def _check_resumable(self) -> str | None:
         """The tag to resume from (None: a fresh run), after checking that its checkpoint was written by the same
-        model/diffusion config and under the same layout (world size, TP, SP, ZeRO-3 or not). A mismatch is an
-        error naming both sides: DeepSpeed would otherwise fail deep inside its loader, or not at all."""
+        model/diffusion config and under the same layout (world size, TP, SP, ZeRO stage 0, 1-2 or 3). A mismatch
+        is an error naming both sides: DeepSpeed would otherwise fail deep inside its loader, or not at all."""
         latest = self.ckpt_dir / "latest"
         if not latest.is_file():
             return None
