@@ -1,10 +1,10 @@
 """Attention kernels on the CPU: the tiled-math kernel against torch SDPA (forward + backward), per dtype, thread
 count and shape, next to what `model.cpu_attention=auto` picks for that shape (cogvx_ds.models.dit.attention).
 
-The route's thresholds (TILED_MIN_TOKENS / TILED_MAX_TOKENS per dtype) come from tables like this one; on another
-CPU, run it to see whether they still hold. q, k, v are views of one [B, S, 3, heads, d] tensor, as in the model.
-The two kernels alternate within every round (the order rotates) and the table gives the median of the per-round
-ratios (SDPA time / tiled time: > 1 means the tiled kernel is faster), so machine noise hits both alike.
+The route's thresholds (TILED_MAX_TOKENS per dtype, TILED_MIN_TOKENS_ONE_THREAD) come from tables like this one; on
+another CPU, run it to see whether they still hold. q, k, v are views of one [B, S, 3, heads, d] tensor, as in the
+model. The two kernels alternate within every round (the order rotates) and the table gives the median of the
+per-round ratios (SDPA time / tiled time: > 1 means the tiled kernel is faster), so machine noise hits both alike.
 
     python benchmarks/attention.py                                  # default shapes, fp32 + bf16, 2 and 1 threads
     python benchmarks/attention.py --dtypes fp32 --threads 1 --shapes 32x124x2x32 1x1088x8x64
