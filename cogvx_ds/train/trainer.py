@@ -183,7 +183,7 @@ class Trainer:
                   "trains the same", file=sys.stderr, flush=True)
         self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
         self.schedule = NoiseSchedule.from_config(cfg.diffusion)
-        self.resume_tag = self._check_resumable()  # before the engine is built: a mismatch fails in seconds
+        self.resume_from = self._check_resumable()  # before the engine is built: a mismatch fails in seconds
         self.engine, self.model = build_engine(cfg, self.ds_config)
         from cogvx_ds.train.ema import EMA
 
@@ -398,8 +398,8 @@ class Trainer:
         return {"world_size": self.world, "tp": state.tp_size(), "sp": state.sp_size(),
                 "zero_stage": self.ds_config["zero_optimization"]["stage"]}
 
-    def _check_resumable(self) -> str | None:
-        """The tag to resume from (None: a fresh run), after checking that its checkpoint was written by the same
+    def _check_resumable(self) -> tuple[str, dict] | None:
+        """(tag, trainer state) to resume from (None: a fresh run), after checking that its checkpoint was written by the same
         model/diffusion config and under the same layout (world size, TP, SP, ZeRO stage 0, 1-2 or 3). A mismatch
         is an error naming both sides: DeepSpeed would otherwise fail deep inside its loader, or not at all."""
         latest = self.ckpt_dir / "latest"
@@ -432,13 +432,12 @@ class Trainer:
                 f"with that layout, or export its weights with it (python -m cogvx_ds.export --run-dir "
                 f"{self.run_dir} --checkpoint {tag} ..., launched like the training) and start a new "
                 f"train.run_dir with train.init_from=<export>/transformer")
-        return tag
+        return tag, st
 
     def _resume(self) -> tuple[int, int]:
-        tag = self.resume_tag
-        if tag is None:
+        if self.resume_from is None:
             return 0, 0
-        st = json.loads((self.ckpt_dir / tag / "trainer_state.json").read_text())
+        tag, st = self.resume_from
         self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
         if self.ema is not None:
             self.ema.load(self.ckpt_dir / tag / f"ema_rank{self.rank:05d}.safetensors")
