@@ -86,18 +86,30 @@ def _(g, w):
     return g.new_empty(*g.shape[:-1], w.shape[1])
 
 
+@torch.library.custom_op("cogvx_ds::linear_wgrad", mutates_args=())
+def _wgrad_op(g: Tensor, x: Tensor) -> Tensor:
+    """The weight gradient as one opaque op: inside a compiled graph inductor would otherwise lower its oneDNN
+    call (fc2's) as an inference linear with a constant weight, and fail."""
+    return _wgrad(g, x)
+
+
+@_wgrad_op.register_fake
+def _(g, x):
+    return g.new_empty(g.shape[1], x.shape[1])
+
+
 def _setup(ctx, inputs, output):
     x, w, b = inputs
     ctx.save_for_backward(x, w)
     ctx.has_bias = b is not None
 
 
-def _backward(ctx, g, dgrad=_dgrad_op):
+def _backward(ctx, g, dgrad=_dgrad_op, wgrad=_wgrad_op):
     x, w = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     g2 = g.reshape(-1, g.shape[-1])
     gx = dgrad(g, w) if need_x else None
-    gw = _wgrad(g2, x.reshape(-1, x.shape[-1])) if need_w else None
+    gw = wgrad(g2, x.reshape(-1, x.shape[-1])) if need_w else None
     gb = g2.sum(0) if ctx.has_bias and need_b else None
     return gx, gw, gb
 
@@ -135,7 +147,7 @@ class _EagerLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _backward(ctx, g, dgrad=_dgrad)
+        return _backward(ctx, g, dgrad=_dgrad, wgrad=_wgrad)
 
 
 def use_onednn(x: Tensor, w: Tensor, b: Tensor | None, kernel: str = "auto") -> bool:
