@@ -22,7 +22,7 @@ def _rel(a, b):
 @needs_onednn
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("out_features", [80, 12], ids=["widening", "narrowing"])  # 12: fc2-like, oneDNN wgrad
-@pytest.mark.parametrize("shape", [(37, 48), (2, 19, 48)])
+@pytest.mark.parametrize("shape", [(37, 48), (2, 19, 48), (1, 48)])  # one row: the AdaLN GEMVs at batch 1
 def test_values_and_gradients_match_float64(shape, bias, out_features):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g)
@@ -109,17 +109,18 @@ def test_model_runs_its_linears_on_onednn_and_matches_aten(tmp_path, monkeypatch
         results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}, len(calls) - before))
     (out_fast, grads_fast, n_fast), (out_aten, grads_aten, n_aten) = results
     layers = fast.config.num_layers
-    # forward: qkv, proj, fc1, fc2 per block + patch conv + text proj + proj_out; backward: one input gradient each
-    # except the patch conv and text projection, whose inputs need none; and the weight gradient of the layers
-    # that narrow 4x or more (fc2, here also the text projection)
+    # forward: every linear (per block: qkv, proj, fc1, fc2 and two AdaLN modulations; the patch conv, text
+    # projection, two time-embedding linears, the final AdaLN and proj_out); backward: one input gradient each except
+    # the patch conv, text projection and first time-embedding linear, whose inputs need none; and the weight gradient
+    # of the layers that narrow 4x or more (fc2, here also the text projection)
     from cogvx_ds.models.dit.fused import Linear, PatchConv
     from cogvx_ds.models.dit.layers import ColumnLinear, RowLinear
 
     ours = [m for m in fast.modules() if isinstance(m, (ColumnLinear, RowLinear, Linear, PatchConv))]
-    assert len(ours) == 4 * layers + 3
+    assert len(ours) == 6 * layers + 6
     narrowing = sum(m.weight[0].numel() >= 4 * m.weight.shape[0] for m in ours)
     assert narrowing >= layers
-    assert n_fast == 2 * (4 * layers + 3) - 2 + narrowing and n_aten == 0
+    assert n_fast == 2 * len(ours) - 3 + narrowing and n_aten == 0
     assert _rel(out_fast, out_aten) < 1e-5
     for name, grad in grads_aten.items():
         assert _rel(grads_fast[name], grad) < 1e-5, name

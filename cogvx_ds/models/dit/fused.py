@@ -12,7 +12,10 @@ the compute dtype for matmul-type ops of half-precision models on CPUs without n
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cogvx_ds.models.dit.linear import linear
@@ -149,6 +152,36 @@ def ada_layer_norm(x, n_text, weight, bias, eps, text_scale, text_shift, video_s
 
 def gated_residual(x, a, n_text, text_gate, video_gate):
     return _GatedResidual.apply(x, a, n_text, text_gate, video_gate)
+
+
+# tanh-GELU: 0.5 x (1 + tanh(u)) = x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
+_GELU_C1 = 2 * math.sqrt(2 / math.pi)
+_GELU_C3 = _GELU_C1 * 0.044715
+
+
+class _GeluTanh(torch.autograd.Function):
+    """float32 tanh-GELU whose forward is x * sigmoid(2u): aten's kernel evaluates tanh (SLEEF's, about 6x the cost
+    of a sigmoid on AVX-512), and four vectorised passes beat it (1.1 vs 1.9 ms at 1,088 x 2,048 on 2 threads).
+    The backward is aten's gelu_backward, which a chain of passes does not beat (2.6 vs 2.1 ms). The result differs
+    from F.gelu by float32 rounding (tested against float64)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        y = torch.addcmul(x.new_tensor(_GELU_C1), x, x, value=_GELU_C3)  # 2u / x
+        return y.mul_(x).sigmoid_().mul_(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return torch.ops.aten.gelu_backward(g, x, approximate="tanh")
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """F.gelu(x, approximate="tanh"); float32 on CPUs outside torch.compile through `_GeluTanh`."""
+    if x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _GeluTanh.apply(x)
+    return F.gelu(x, approximate="tanh")
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:

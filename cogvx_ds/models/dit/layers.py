@@ -17,7 +17,7 @@ from torch import nn
 
 from cogvx_ds.config import ModelConfig
 from cogvx_ds.models.dit.attention import attention
-from cogvx_ds.models.dit.fused import ada_layer_norm, apply_rope_stream, gated_residual
+from cogvx_ds.models.dit.fused import Linear, ada_layer_norm, apply_rope_stream, gated_residual, gelu_tanh
 from cogvx_ds.models.dit.linear import linear, onednn_linear, use_onednn
 from cogvx_ds.parallel import state
 from cogvx_ds.parallel.comm import copy_to_group
@@ -101,7 +101,7 @@ class ExpertAdaLN(nn.Module):
 
     def __init__(self, time_embed_dim: int, dim: int, eps: float, affine: bool):
         super().__init__()
-        self.linear = nn.Linear(time_embed_dim, 6 * dim)
+        self.linear = Linear(time_embed_dim, 6 * dim)
         self.norm = ModulatedLayerNorm(dim, eps=eps, elementwise_affine=affine)
 
     def forward(self, x, n_text, temb):
@@ -165,7 +165,7 @@ class MLP(nn.Module):
 
     def forward(self, x, compute=None):
         h, _ = self.fc1(_to(x, compute))
-        out, _ = self.fc2(F.gelu(h, approximate="tanh"))
+        out, _ = self.fc2(gelu_tanh(h))
         return out.to(x.dtype)
 
 

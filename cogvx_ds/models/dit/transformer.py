@@ -20,7 +20,7 @@ class FinalAdaLN(nn.Module):
 
     def __init__(self, time_embed_dim: int, dim: int, eps: float, affine: bool):
         super().__init__()
-        self.linear = nn.Linear(time_embed_dim, 2 * dim)
+        self.linear = Linear(time_embed_dim, 2 * dim)
         self.norm = ModulatedLayerNorm(dim, eps=eps, elementwise_affine=affine)
 
     def forward(self, x, n_text, temb):
