@@ -173,3 +173,43 @@ def test_gelu_tanh_matches_float64_and_routes():
     assert torch.isfinite(fused.gelu_tanh(torch.tensor([-1e30, -100.0, 100.0, 1e30]))).all()
     half = torch.randn(8, generator=g).bfloat16()  # other dtypes: aten's kernel
     assert torch.equal(fused.gelu_tanh(half), torch.nn.functional.gelu(half, approximate="tanh"))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("rope", [True, False])
+def test_head_norm_rope_passes_gradcheck_and_matches_the_plain_composition(affine, rope):
+    g = torch.Generator().manual_seed(4)
+    b, s, h, d, n_text = 2, 7, 3, 8, 3
+    qkv = torch.randn(b, s, 3, h, d, generator=g, dtype=torch.float64)
+    x = qkv[:, :, 0].requires_grad_(True)  # a strided view, as the model passes it
+    w, bias = (torch.randn(d, generator=g, dtype=torch.float64, requires_grad=True) if affine else None
+               for _ in range(2))
+    angles = torch.rand(s - n_text, d // 2, generator=g, dtype=torch.float64) * 6
+    table = rope_tables(angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1), n_text).double()
+    table = table if rope else None
+    leaves = [t for t in (x, w, bias) if t is not None]
+
+    def fused_fn(*ts):
+        return fused.head_norm_rope(ts[0], *(ts[1:] if affine else (None, None)), 1e-6, table)
+
+    def plain(*ts):
+        y = torch.nn.functional.layer_norm(ts[0], (d,), *(ts[1:] if affine else (None, None)), 1e-6)
+        return y if table is None else apply_rope_stream(y, table)
+
+    assert torch.autograd.gradcheck(fused_fn, leaves, fast_mode=True)
+    out = fused_fn(*leaves)
+    assert out.grad_fn is not None and "HeadNormRope" in type(out.grad_fn).__name__
+    assert out.transpose(1, 2).is_contiguous()  # head-major memory: the attention kernel's layout
+    probe = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((out * probe).sum(), leaves)
+    want = torch.autograd.grad((plain(*leaves) * probe).sum(), leaves)
+    torch.testing.assert_close(out, plain(*leaves), rtol=1e-12, atol=1e-12)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    # float32, and the gradient arriving in head-major memory (from the attention kernel) or token-major (SP)
+    x32 = qkv[:, :, 0].float().requires_grad_(True)
+    for cot in (probe.float(), probe.float().transpose(1, 2).contiguous().transpose(1, 2)):
+        y = fused.head_norm_rope(x32, *((w.detach().float(), bias.detach().float()) if affine else (None, None)),
+                                 1e-6, table)
+        (gx,) = torch.autograd.grad((y * cot).sum(), x32)
+        torch.testing.assert_close(gx.double(), want[0], rtol=1e-4, atol=1e-5)

@@ -238,6 +238,46 @@ def apply_rope_stream(x: torch.Tensor, table: torch.Tensor, out_dtype=None) -> t
     return _Rope.apply(x, table, out_dtype or x.dtype)
 
 
+class _HeadNormRope(torch.autograd.Function):
+    """The per-head QK LayerNorm, then RoPE (table [2, S, d/2, 2] or None), of x [B, S, H, d] (a strided view of the
+    fused QKV output), returned as a [B, S, H, d] view of head-major memory ([B, H, S, d] contiguous): the layout
+    the CPU attention kernel works in, so its per-head copies of q and k, and the copies of their gradients back to
+    token-major, disappear (4 passes over q/k per layer). Saves x as given (a view: no extra memory) and makes the
+    head-major copy again in backward, as LayerNorm's backward did for the strided view."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, table):
+        xh = x.transpose(1, 2).contiguous()
+        y, mean, rstd = torch.native_layer_norm(xh, xh.shape[-1:], weight, bias, eps)
+        y = y.transpose(1, 2)
+        if table is not None:  # the product takes y's (head-major) layout
+            y = _rotate(y, table[0]).to(x.dtype)
+        ctx.eps = eps
+        ctx.save_for_backward(x, mean, rstd, weight, bias, table)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, mean, rstd, weight, bias, table = ctx.saved_tensors
+        if table is not None:
+            g = _rotate(g, table[1]).to(x.dtype)
+        xh = x.transpose(1, 2).contiguous()
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                bias is not None and ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
+            g.transpose(1, 2).contiguous(), xh, xh.shape[-1:], mean, rstd, weight, bias, mask)
+        return None if gx is None else gx.transpose(1, 2), gw, gb, None, None
+
+
+def head_norm_rope(x, weight, bias, eps: float, table=None):
+    """LayerNorm over the head dim of x [B, S, H, d] (weight/bias [d] or None), then RoPE by `rope_tables`' table if
+    given; on CPUs in eager mode as `_HeadNormRope` (head-major output memory), else as the plain composition."""
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _HeadNormRope.apply(x, weight, bias, eps, table)
+    y = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    return y if table is None else apply_rope_stream(y, table)
+
+
 # ---- half precision on CPUs without native kernels ----------------------------------------------------------------
 
 def native_half_supported(dtype: torch.dtype) -> bool:

@@ -17,7 +17,7 @@ from torch import nn
 
 from cogvx_ds.config import ModelConfig
 from cogvx_ds.models.dit.attention import attention
-from cogvx_ds.models.dit.fused import Linear, ada_layer_norm, apply_rope_stream, gated_residual, gelu_tanh
+from cogvx_ds.models.dit.fused import Linear, ada_layer_norm, gated_residual, gelu_tanh, head_norm_rope
 from cogvx_ds.models.dit.linear import linear, onednn_linear, use_onednn
 from cogvx_ds.parallel import state
 from cogvx_ds.parallel.comm import copy_to_group
@@ -111,15 +111,14 @@ class ExpertAdaLN(nn.Module):
 
 
 class HeadLayerNorm(nn.LayerNorm):
-    """Per-head LayerNorm whose weights are shared by all heads. Under TP each rank normalises its own heads,
-    so the weight gradient is summed over the TP group to stay identical (and complete) on every rank."""
+    """Per-head LayerNorm whose weights are shared by all heads, then RoPE when given its table (fused.head_norm_rope).
+    Under TP each rank normalises its own heads, so the weight gradient is summed over the TP group to stay
+    identical (and complete) on every rank."""
 
-    def forward(self, x):
+    def forward(self, x, rope=None):
         group = state.tp_group()
-        w, b = copy_to_group(self.weight, group), copy_to_group(self.bias, group)
-        # x is a strided view of the fused qkv output. Making it contiguous here would spare LayerNorm's backward
-        # one copy but keep a second [tokens, heads, d] tensor alive for backward; memory matters more.
-        return F.layer_norm(x, self.normalized_shape, w.to(x.dtype), b.to(x.dtype), self.eps)
+        w, b = (None if t is None else copy_to_group(t, group).to(x.dtype) for t in (self.weight, self.bias))
+        return head_norm_rope(x, w, b, self.eps, rope)
 
 
 class Attention(nn.Module):
@@ -143,9 +142,7 @@ class Attention(nn.Module):
         sp_sizes[r] is the stream length of SP rank r (parallel.ulysses)."""
         qkv, _ = self.qkv(_to(x, compute))
         q, k, v = qkv.unflatten(-1, (3, self.local_heads, self.head_dim)).unbind(2)
-        q, k = self.norm_q(q), self.norm_k(k)
-        if rope is not None:
-            q, k = apply_rope_stream(q, rope), apply_rope_stream(k, rope)
+        q, k = self.norm_q(q, rope), self.norm_k(k, rope)
         if sp_sizes is None:
             out = attention(q, k, v, self.kernel)
         else:
