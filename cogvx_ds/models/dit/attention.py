@@ -18,6 +18,7 @@ So the "auto" route takes it up to `TILED_MAX_TOKENS` per dtype, and for float32
 
 The kernel works on a few (sample, head) pairs at a time, as many as keep one tile of scores within `TILE_BYTES`:
     forward   S = (q / sqrt(d)) k^T,  P = softmax(S),  O = P v             (P and O are kept for backward)
+              (in float32 the 1 / sqrt(d) is the matmuls' alpha: no scaled copy of q)
     backward  dV = P^T dO,  dS = P * (dO v^T - D),  D = rowsum(dO * O),  dQ = dS k / sqrt(d),  dK = dS^T q / sqrt(d)
 Precision in bfloat16: every matmul accumulates in float32 but its output is rounded to bfloat16, and rounding the
 raw scores S would lose 2^-9 of |S| (5-9x flash's error at large logits). So S - rowmax is computed instead, by one
@@ -118,7 +119,8 @@ class _TiledAttention(torch.autograd.Function):
         n, s, d = q.shape
         half = q.element_size() < 4
         scale = d**-0.5
-        qs = q * scale
+        # float32: the scale goes into the matmuls' alpha (free); half: q is scaled first, for the shift column
+        qs = q * scale if half else q
         c = _tile(n, s, q.dtype)
         out = torch.empty_like(q)
         probs = []
@@ -133,7 +135,7 @@ class _TiledAttention(torch.autograd.Function):
                 qa = _augment(qs[i:j], torch.cat([shift, torch.zeros_like(shift)], -1))
                 torch.bmm(qa, _augment(k[i:j], 1.0).transpose(1, 2), out=scores)
             else:
-                torch.bmm(qs[i:j], k[i:j].transpose(1, 2), out=scores)
+                torch.baddbmm(scores, q[i:j], k[i:j].transpose(1, 2), beta=0, alpha=scale, out=scores)
             p = torch._softmax(scores, -1, False, out=scores)
             torch.bmm(p, v[i:j], out=out[i:j])
             if keep:
@@ -168,6 +170,10 @@ class _TiledAttention(torch.autograd.Function):
             else:
                 torch.baddbmm(rowsum[i:j].neg(), g[i:j], v[i:j].transpose(1, 2), out=ds)
             ds.mul_(p)
-            torch.bmm(ds, k[i:j], out=dq[i:j])
-            torch.bmm(ds.transpose(1, 2), qs[i:j], out=dk[i:j])
-        return dq.mul_(ctx.scale), dk, dv, None
+            if half:  # qs = q * scale
+                torch.bmm(ds, k[i:j], out=dq[i:j])
+                torch.bmm(ds.transpose(1, 2), qs[i:j], out=dk[i:j])
+            else:  # qs = q: both gradients take the scale as alpha
+                torch.baddbmm(dq[i:j], ds, k[i:j], beta=0, alpha=ctx.scale, out=dq[i:j])
+                torch.baddbmm(dk[i:j], ds.transpose(1, 2), qs[i:j], beta=0, alpha=ctx.scale, out=dk[i:j])
+        return dq.mul_(ctx.scale) if half else dq, dk, dv, None
