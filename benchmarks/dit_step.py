@@ -24,6 +24,7 @@ bf16. `--bf16-native` adds ours with native bf16 matmuls (slow there) for compar
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -55,6 +56,14 @@ def model_flops(layers: int, dim: int, n_tokens: int, heads_dim: int, latent_pat
     seq = n_tokens + text_len
     per_layer = 2 * seq * dim * 3 * dim + 2 * seq * dim * dim + 2 * 2 * seq * dim * 4 * dim + 2 * 2 * seq * seq * dim
     return 3 * layers * per_layer
+
+
+def _iqr(ratios) -> str:
+    """The per-round ratios' middle half (25th-75th percentile): how much the machine moved them around."""
+    if len(ratios) < 2:
+        return "-"
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return f"{q1:.2f}-{q3:.2f}x"
 
 
 def _step_fn(model, x, text, t, rope, is_ref: bool, clock=time.perf_counter):
@@ -244,6 +253,7 @@ def main(argv=None) -> int:
                        "diffusers_tokens_per_s": args.batch * (tokens + args.text_len) / mr,
                        "ours_gflops": flops / mo / 1e9, "diffusers_gflops": flops / mr / 1e9,
                        "matmul_peak_gflops": peak, "ours_pct_peak": 100 * flops / mo / 1e9 / peak,
+                       "speedup_iqr": _iqr(ratios),
                        "ratios": ratios, "ours_all_s": times[name], "diffusers_all_s": times["diffusers"],
                        "peaks": peaks, "device": str(device)}
                 if memory:
@@ -267,6 +277,7 @@ def main(argv=None) -> int:
           f"({', '.join(f'{k}: {v}' for k, v in reps_used.items())}); peak = {peak_desc}, per round")
     columns = [("dtype", "dtype"), ("variant", "variant"), ("ours_s", "s/step", "{:.3f}"),
                ("diffusers_s", "diffusers s", "{:.3f}"), ("speedup", "diffusers/ours", "{:.2f}x"),
+               ("speedup_iqr", "middle half of rounds", "{}"),
                ("ours_tokens_per_s", "tokens/s", "{:.0f}"), ("ours_gflops", "GFLOP/s", "{:.1f}"),
                ("matmul_peak_gflops", "peak GFLOP/s", "{:.0f}"), ("ours_pct_peak", "% of peak", "{:.0f}%")]
     if rows and "ours_mfu_spec_pct" in rows[0]:

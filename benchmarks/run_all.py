@@ -54,12 +54,14 @@ def main(argv=None) -> int:
     dit = RESULTS / "dit_step.json"
     if dit.is_file():
         lines += ["## DiT training step (forward + backward + AdamW), ours vs diffusers, interleaved", "",
-                  "| dtype | ours | tokens | ours s | diffusers s | diffusers/ours | tokens/s | model % of fp32 peak "
-                  "| matmuls % of peak | large matmuls % of peak |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| dtype | ours | tokens | ours s | diffusers s | diffusers/ours | middle half of rounds | tokens/s "
+                  "| model % of fp32 peak | matmuls % of peak | large matmuls % of peak |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in json.loads(dit.read_text())["rows"]:
             lin = " | ".join(f"{r[k]:.0f}%" if k in r else "-" for k in ("linear_pct_peak", "large_linear_pct_peak"))
             lines.append(f"| {r['dtype']} | {r.get('variant', 'ours')} | {r['tokens']} | {r['ours_s']:.3f} | "
-                         f"{r['diffusers_s']:.3f} | {r['speedup']:.2f}x | {r.get('ours_tokens_per_s', 0):.0f} | "
+                         f"{r['diffusers_s']:.3f} | {r['speedup']:.2f}x | {r.get('speedup_iqr', '-')} | "
+                         f"{r.get('ours_tokens_per_s', 0):.0f} | "
                          f"{r['ours_pct_peak']:.0f}% | {lin} |")
     lines += memory_summary()
     loader = RESULTS / "loader.json"
