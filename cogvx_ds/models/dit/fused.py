@@ -6,8 +6,9 @@ slices and `cat`, autograd pays for it in both directions: every slice's backwar
 full stream and copies into it, every `cat` copies. These Functions write each segment straight into one output
 and save only what their backward needs (benchmarks/dit_step.py prints the per-op breakdown).
 
-Also here: RoPE as one Function over the whole stream (text rows carry the identity rotation), and the choice of
-the compute dtype for matmul-type ops of half-precision models on CPUs without native bf16/fp16 kernels.
+Also here: RoPE as one Function over the whole stream (text rows carry the identity rotation), fused with the QK
+LayerNorm into head-major output memory on CPUs; the float32 tanh-GELU in its sigmoid form; and the choice of the
+compute dtype for matmul-type ops of half-precision models on CPUs without native bf16/fp16 kernels.
 """
 
 from __future__ import annotations
