@@ -253,7 +253,6 @@ class _HeadNormRope(torch.autograd.Function):
         y = y.transpose(1, 2)
         if table is not None:  # the product takes y's (head-major) layout
             y = _rotate(y, table[0]).to(x.dtype)
-        ctx.eps = eps
         ctx.save_for_backward(x, mean, rstd, weight, bias, table)
         return y
 
