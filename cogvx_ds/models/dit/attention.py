@@ -18,15 +18,16 @@ So the "auto" route takes it up to `TILED_MAX_TOKENS` per dtype, and for float32
 
 The kernel works on a few (sample, head) pairs at a time, as many as keep one tile of scores within `TILE_BYTES`:
     forward   S = (q / sqrt(d)) k^T,  P = softmax(S),  O = P v             (P and O are kept for backward)
-              (in float32 the 1 / sqrt(d) is the matmuls' alpha: no scaled copy of q)
+              (the 1 / sqrt(d) is the matmul's alpha: no scaled copy of q)
     backward  dV = P^T dO,  dS = P * (dO v^T - D),  D = rowsum(dO * O),  dQ = dS k / sqrt(d),  dK = dS^T q / sqrt(d)
-Precision in bfloat16: every matmul accumulates in float32 but its output is rounded to bfloat16, and rounding the
-raw scores S would lose 2^-9 of |S| (5-9x flash's error at large logits). So S - rowmax is computed instead, by one
-matmul with the (rounded) row maxima of a first pass as an extra column of q, and dO v^T - D by one matmul with D
-(float32, split into two bfloat16 parts) as extra columns of dO: each is rounded once, after the cancellation.
-The softmax runs in float32 internally. Errors against float64 attention: 0.7-2.4x SDPA's (2e-3 to 9e-3, about
-a bfloat16 ulp; the most for the output at large logits), and in a whole bfloat16 model the same as SDPA's against
-the float32 model (0.73% vs 0.73%); see tests/test_dit_attention.py.
+Precision in bfloat16: the scores S are always float32, from float32 copies of q and k (rounding the raw scores to
+bfloat16 would lose 2^-9 of |S|, 5-9x flash's error at large logits; one float32 matmul into a reused scratch tile
+also costs less than two bfloat16 passes that compute a rounding-safe S - rowmax, 1.03-1.08x forward at 256-2,048
+tokens, 1.28x at the demo's), the softmax runs in float32 and P is rounded once, for the kept copy and P v.
+In the backward dO v^T - D comes from one bfloat16 matmul with D (float32, split into two bfloat16 parts) as extra
+columns of dO, rounded once, after the cancellation. Every other matmul accumulates in float32 and rounds its
+output. Errors against float64 attention: 0.65-1.55x SDPA's (2e-3 to 6.4e-3, about a bfloat16 ulp), and in a whole
+bfloat16 model the same as SDPA's against the float32 model; see tests/test_dit_attention.py.
 
 Memory: it keeps P, batch x heads x S^2 elements in the input dtype, where flash keeps O(S). The "auto" route
 takes it only while that stays under `TILED_MAX_SAVED_BYTES` per call (no limit without autograd: then only one
@@ -119,29 +120,27 @@ class _TiledAttention(torch.autograd.Function):
         n, s, d = q.shape
         half = q.element_size() < 4
         scale = d**-0.5
-        # float32: the scale goes into the matmuls' alpha (free); half: q is scaled first, for the shift column
-        qs = q * scale if half else q
-        c = _tile(n, s, q.dtype)
+        # The scores are float32 in every dtype: in half precision from float32 copies of q and k (one float32
+        # matmul costs less than the two half-precision ones that a rounding-safe S - rowmax would need), and the
+        # probabilities are rounded once, after the softmax. The 1 / sqrt(d) is the matmul's alpha.
+        qf, kf = (q.float(), k.float()) if half else (q, k)
+        c = _tile(n, s, torch.float32)
         out = torch.empty_like(q)
         probs = []
         scores = None
         for i in range(0, n, c):
             j = min(n, i + c)
-            if keep or scores is None or scores.shape[0] != j - i:
-                scores = q.new_empty(j - i, s, s)
-            if half:  # the row maxima (to a rounding) from a first pass: S - max is then computed in float32
-                torch.bmm(qs[i:j], k[i:j].transpose(1, 2), out=scores)
-                shift = scores.amax(-1, keepdim=True).neg_()
-                qa = _augment(qs[i:j], torch.cat([shift, torch.zeros_like(shift)], -1))
-                torch.bmm(qa, _augment(k[i:j], 1.0).transpose(1, 2), out=scores)
-            else:
-                torch.baddbmm(scores, q[i:j], k[i:j].transpose(1, 2), beta=0, alpha=scale, out=scores)
+            if scores is None or scores.shape[0] != j - i or (keep and not half):
+                scores = qf.new_empty(j - i, s, s)  # float32 keeps each tile; half reuses one float32 tile
+            torch.baddbmm(scores, qf[i:j], kf[i:j].transpose(1, 2), beta=0, alpha=scale, out=scores)
             p = torch._softmax(scores, -1, False, out=scores)
+            if half:
+                p = p.to(q.dtype)
             torch.bmm(p, v[i:j], out=out[i:j])
             if keep:
                 probs.append(p)
-        if keep:
-            ctx.save_for_backward(qs, k, v, out, *probs)
+        if keep:  # the backward's half path takes q pre-scaled (see there)
+            ctx.save_for_backward(q * scale if half else q, k, v, out, *probs)
             ctx.scale, ctx.tile = scale, c
         return out
 
