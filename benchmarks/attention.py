@@ -8,6 +8,7 @@ per-round ratios (SDPA time / tiled time: > 1 means the tiled kernel is faster),
 
     python benchmarks/attention.py                                  # default shapes, fp32 + bf16, 2 and 1 threads
     python benchmarks/attention.py --dtypes fp32 --threads 1 --shapes 32x124x2x32 1x1088x8x64
+    python benchmarks/attention.py --no-grad                        # forward only, as in sampling
 """
 
 from __future__ import annotations
@@ -38,16 +39,21 @@ def _shape(text: str) -> tuple[int, int, int, int]:
     return b, s, h, d
 
 
-def compare(shape, dtype, rounds: int) -> dict:
-    """Median times (ms) of forward + backward on each kernel and the median per-round ratio SDPA / tiled."""
+def compare(shape, dtype, rounds: int, grad: bool = True) -> dict:
+    """Median times (ms) of forward + backward (forward only under no_grad with grad=False, as in sampling) on each
+    kernel and the median per-round ratio SDPA / tiled."""
     from cogvx_ds.models.dit.attention import attention, use_tiled
 
     b, s, h, d = shape
     g = torch.Generator().manual_seed(0)
-    qkv = torch.randn(b, s, 3, h, d, generator=g).to(dtype).requires_grad_()
+    qkv = torch.randn(b, s, 3, h, d, generator=g).to(dtype).requires_grad_(grad)
     cot = torch.randn(b, s, h, d, generator=g).to(dtype)
 
     def run(kernel):
+        if not grad:
+            with torch.no_grad():
+                attention(*qkv.unbind(2), kernel=kernel)
+            return
         qkv.grad = None
         attention(*qkv.unbind(2), kernel=kernel).backward(cot)
 
@@ -63,7 +69,7 @@ def compare(shape, dtype, rounds: int) -> dict:
     ratios = [a / t for a, t in zip(times["sdpa"], times["tiled"])]
     return {"tiled_ms": 1e3 * median(times["tiled"]), "sdpa_ms": 1e3 * median(times["sdpa"]),
             "sdpa_over_tiled": median(ratios),
-            "auto": "tiled" if use_tiled(qkv[:, :, 0], "auto") else "sdpa"}
+            "auto": "tiled" if use_tiled(qkv[:, :, 0], "auto", needs_grad=grad) else "sdpa"}
 
 
 def main(argv=None) -> int:
@@ -74,6 +80,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", nargs="+", type=int, default=[2, 1],
                     help="torch thread counts to run each shape with (default: 2 1)")
     ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds per case (default: 15)")
+    ap.add_argument("--no-grad", action="store_true",
+                    help="forward only under torch.no_grad (sampling), where the route differs for float32")
     ap.add_argument("--quick", action="store_true", help="seconds: two small shapes, 1 thread, 2 rounds")
     args = ap.parse_args(argv)
     if args.quick:
@@ -96,7 +104,7 @@ def main(argv=None) -> int:
                 torch.set_num_threads(threads)
                 for shape in args.shapes:
                     row = {"dtype": dt_name, "threads": threads, "shape": "x".join(map(str, shape)),
-                           **compare(shape, dtype, args.rounds)}
+                           **compare(shape, dtype, args.rounds, grad=not args.no_grad)}
                     rows.append(row)
                     print(f"{row['dtype']} {threads} thread(s) {row['shape']}: SDPA/tiled "
                           f"{row['sdpa_over_tiled']:.2f}x (auto: {row['auto']})", flush=True)
@@ -105,12 +113,13 @@ def main(argv=None) -> int:
     if not rows:
         print("nothing to measure")
         return 0
-    print(f"\nAttention forward + backward, tiled kernel vs torch SDPA (medians of {args.rounds} interleaved rounds; "
+    what = "forward under no_grad" if args.no_grad else "forward + backward"
+    print(f"\nAttention {what}, tiled kernel vs torch SDPA (medians of {args.rounds} interleaved rounds; "
           "> 1: the tiled kernel is faster); 'auto' = what model.cpu_attention=auto picks")
     print_table(rows, [("dtype", "dtype"), ("threads", "threads"), ("shape", "BxSxHxD"),
                        ("tiled_ms", "tiled ms", "{:.2f}"), ("sdpa_ms", "SDPA ms", "{:.2f}"),
                        ("sdpa_over_tiled", "SDPA/tiled", "{:.2f}x"), ("auto", "auto")])
-    path = write_results("attention", {"rows": rows, "rounds": args.rounds})
+    path = write_results("attention_no_grad" if args.no_grad else "attention", {"rows": rows, "rounds": args.rounds})
     print(f"wrote {path}")
     return 0
 

@@ -70,5 +70,10 @@ def test_attention_benchmark_times_both_kernels_and_reports_the_route(tmp_path, 
     rows = json.loads((tmp_path / "attention.json").read_text())["rows"]
     assert [(r["shape"], r["auto"]) for r in rows] == [("1x600x2x16", "tiled"), ("2x40x2x8", "sdpa")]
     assert all(r["tiled_ms"] > 0 and r["sdpa_ms"] > 0 and r["sdpa_over_tiled"] > 0 for r in rows)
+    # forward only under no_grad (sampling): float32 routes 600 tokens to SDPA there, bfloat16 keeps the tiled kernel
+    assert attention.main(["--no-grad", "--threads", "2", "--rounds", "2", "--shapes", "1x600x2x16"]) == 0
+    rows = json.loads((tmp_path / "attention_no_grad.json").read_text())["rows"]
+    assert [(r["dtype"], r["auto"]) for r in rows if r["dtype"] == "fp32"] == [("fp32", "sdpa")]
+    assert all(r["auto"] == "tiled" for r in rows if r["dtype"] == "bf16")
     with pytest.raises(SystemExit):
         attention.main(["--shapes", "1x600x2"])

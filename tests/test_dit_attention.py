@@ -107,6 +107,16 @@ def test_route():
         torch.set_num_threads(threads)
     big = torch.empty(64, 1088, 8, 64, dtype=torch.bfloat16)  # 1.2 GB of probabilities to keep
     assert not A.use_tiled(big, "auto") and A.use_tiled(big, "auto", needs_grad=False)
+    # without autograd float32 takes SDPA beyond the short sequences (its flash forward is faster there)
+    cut = A.TILED_MAX_TOKENS_NO_GRAD[torch.float32]
+    try:
+        torch.set_num_threads(2)
+        assert A.use_tiled(bf.float(), "auto") and not A.use_tiled(bf.float(), "auto", needs_grad=False)
+        assert A.use_tiled(torch.empty(8, cut, 4, 32), "auto", needs_grad=False)
+        assert not A.use_tiled(torch.empty(8, cut + 1, 4, 32), "auto", needs_grad=False)
+        assert A.use_tiled(torch.empty(8, cut + 1, 4, 32), "auto")
+    finally:
+        torch.set_num_threads(threads)
     if torch.cuda.is_available():
         assert not A.use_tiled(bf.cuda(), "auto")
     with pytest.raises(ValueError, match="attention kernel"):

@@ -13,8 +13,12 @@ materialising them and using plain matmuls (12 S^2 d) wins. Forward + backward a
               gains from the second thread). 1 thread: 1.02-1.04x at 256, 1.04-1.08x at 512, 1.14-1.15x at 1,088,
               1.04-1.07x at 1,536, but 0.84-1.00x at the demo's (SDPA's flash loop is as good there)
 So the "auto" route takes it up to `TILED_MAX_TOKENS` per dtype, and for float32 on one thread only from
-`TILED_MIN_TOKENS_ONE_THREAD`. `benchmarks/attention.py` prints this table for the CPU it runs on;
-`benchmarks/dit_step.py --attention-kernels` times the whole training step both ways.
+`TILED_MIN_TOKENS_ONE_THREAD`. Without autograd (sampling) nothing is kept and the backward's gain is gone: there
+SDPA's flash forward is 1.08-1.3x faster in float32 from 256 tokens (and on one thread), the tiled kernel 1.03-1.17x
+faster at the demo's batched 64-124 tokens on two threads, and 1.01-1.23x faster in bfloat16 at every shape
+measured; so float32 without autograd takes it only up to `TILED_MAX_TOKENS_NO_GRAD`. `benchmarks/attention.py`
+prints this table for the CPU it runs on; `benchmarks/dit_step.py --attention-kernels` times the whole training step
+both ways.
 
 The kernel works on a few (sample, head) pairs at a time, as many as keep one tile of scores within `TILE_BYTES`:
     forward   S = (q / sqrt(d)) k^T,  P = softmax(S),  O = P v             (P and O are kept for backward)
@@ -47,6 +51,7 @@ KERNELS = ("auto", "tiled", "sdpa")
 TILE_BYTES = 4 << 20  # scores per tile: 4 MiB stays in the L3 cache between the matmul and the softmax
 # The "auto" route's longest sequence per dtype (see the module docstring); other dtypes (float16, float64): SDPA
 TILED_MAX_TOKENS = {torch.bfloat16: 3072, torch.float32: 1536}
+TILED_MAX_TOKENS_NO_GRAD = {torch.float32: 128}  # without autograd (see the module docstring)
 # float32 with one thread: from this many tokens (below, many short sequences per tile gain nothing over SDPA's flash
 # loop: 0.84-1.00x); with two or more threads SDPA scales poorly on short sequences and the tiled kernel wins there
 TILED_MIN_TOKENS_ONE_THREAD = {torch.float32: 512}
@@ -71,7 +76,10 @@ def use_tiled(q, kernel: str = "auto", needs_grad: bool = True) -> bool:
         return True
     b, s, heads, _ = q.shape
     shortest = TILED_MIN_TOKENS_ONE_THREAD.get(q.dtype, 0) if torch.get_num_threads() == 1 else 0
-    if q.device.type != "cpu" or not shortest <= s <= TILED_MAX_TOKENS.get(q.dtype, 0):
+    longest = TILED_MAX_TOKENS.get(q.dtype, 0)
+    if not needs_grad:
+        longest = min(longest, TILED_MAX_TOKENS_NO_GRAD.get(q.dtype, longest))
+    if q.device.type != "cpu" or not shortest <= s <= longest:
         return False
     return not needs_grad or b * heads * s * s * q.element_size() <= TILED_MAX_SAVED_BYTES
 
