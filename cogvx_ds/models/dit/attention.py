@@ -6,8 +6,8 @@ GFLOP/s on this project's reference CPU (2 AVX-512 cores with bf16 dot products)
 same shapes run at 300-400; in float32 it does 14 S^2 d FLOPs per head (the backward recomputes the scores) at
 60-65% of the matmul peak. Up to a few thousand tokens one head's scores fit in memory and the cache, so
 materialising them and using plain matmuls (12 S^2 d) wins. Forward + backward against SDPA, interleaved medians:
-    bfloat16  2 threads: 1.32-1.48x at 256 tokens x 8 heads x 64, 1.31-1.41x at 1,088, 1.40x at 2,048, even at
-              4,096; 2.2-3.0x at the demo's shapes (batch 32, 2-4 heads x 32, 64-124 tokens); 1 thread 1.5-4x
+    bfloat16  2 threads: 1.54-1.59x at 256-512 tokens x 8 heads x 64, 1.49x at 1,088, 1.37x at 2,048, even at
+              4,096; 2.8-3.7x at the demo's shapes (batch 32, 2-4 heads x 32, 64-124 tokens); 1 thread 1.5-4x
     float32   2 threads: 0.96-1.05x at 256, 1.06-1.17x at 512-768, 1.07-1.12x at 1,088, 1.00-1.04x at 1,536,
               0.98-1.02x at 2,048; 1.13-1.32x at the demo's shapes (batch 32, 32-124 tokens, where SDPA hardly
               gains from the second thread). 1 thread: 1.02-1.04x at 256, 1.04-1.08x at 512, 1.14-1.15x at 1,088,
