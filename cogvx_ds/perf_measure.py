@@ -40,11 +40,23 @@ def saved_tensor_bytes(fn, exclude: list[torch.Tensor] = ()):
 
 
 def live_bytes(fn):
-    """Run `fn()` under the CPU memory profiler; return (its result, bytes allocated and still alive after it)."""
+    """Run `fn()` under the CPU memory profiler; return (its result, bytes allocated and still alive after it).
+
+    Garbage is collected first and the collector paused meanwhile: earlier garbage (an autograd graph held by a
+    reference cycle) freed inside the window would count as negative bytes."""
+    import gc
+
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = fn()
+    finally:
+        if enabled:
+            gc.enable()
     return out, sum(e.self_cpu_memory_usage for e in prof.events())
 
 

@@ -125,8 +125,9 @@ def flops_per_sample(m: ModelConfig, n_text: int, n_video: int, recompute: bool 
 
 # --------------------------------------------------------------------------------------------------- activations
 def _layer_saved(m: ModelConfig, n_text: int, n_video: int, sp: int, tp: int, dtype_bytes: int,
-                 attention: str = "sdpa") -> float:
-    """Bytes one ExpertBlock leaves for its backward on one rank (micro-batch 1), tensor by tensor.
+                 attention: str = "sdpa", recompute_gelu: bool = False) -> float:
+    """Bytes one ExpertBlock leaves for its backward on one rank (micro-batch 1), tensor by tensor
+    (`recompute_gelu`: `model.recompute_gelu`, the GELU output rebuilt in backward instead of kept).
 
     A block works on one [text; video] stream: under Ulysses SP each rank holds 1/SP of the text tokens and 1/SP
     of the video tokens and runs the token-local work on them, and attention on the full sequence with
@@ -141,12 +142,15 @@ def _layer_saved(m: ModelConfig, n_text: int, n_video: int, sp: int, tp: int, dt
     # statistics, not the normalised output), the QKV and fc1 inputs, the attention projection and fc2 outputs
     # (the gated residuals save them)
     full = 6 * d * tok
-    split = 3 * dl * tok + 8 * dl * tok  # QKV output (the QK-norm input; v is a view of it), fc1 and GELU outputs
+    # QKV output (the QK-norm input; v is a view of it), fc1 and GELU outputs
+    split = 3 * dl * tok + (4 if recompute_gelu else 8) * dl * tok
     stats = (2 * 2 + 2 * 2 * heads) * tok * f32  # mean/rstd of the two AdaLN norms and of the QK norms
     if attention == "tiled":  # the CPU tiled kernel (models.dit.attention): its own per-head copies of q (scaled), k
         # and v, its output, the probabilities (heads/SP x all tokens^2), and the proj input (a re-laid-out copy)
         saved = 4 * dl * seq * e + heads * (n_text + n_video) * seq * e + dl * tok * e
     elif sp == 1:  # SDPA saves q and k (rotated, or the QK-norm outputs), the qkv view v, and its output (= proj input)
+        # (on CPUs the fused QK norm writes q head-major, SDPA's output follows it and the projection's input is a
+        # token-major copy: dl x tok more, not counted; on GPUs q stays token-major)
         saved = 3 * dl * tok * e + heads * tok * f32
     else:  # Ulysses: the received q/k/v buffer (SDPA reads views of it) and SDPA's output over seq x heads/SP,
         # plus the re-joined output for proj; the rotated q, k before the all-to-all are not kept
@@ -155,16 +159,18 @@ def _layer_saved(m: ModelConfig, n_text: int, n_video: int, sp: int, tp: int, dt
 
 
 def activation_bytes(m: ModelConfig, n_text: int, n_video: int, sp: int = 1, tp: int = 1, dtype_bytes: int = 2,
-                     checkpointing: bool = False, micro_batch: int = 1, attention: str = "sdpa") -> dict:
+                     checkpointing: bool = False, micro_batch: int = 1, attention: str = "sdpa",
+                     recompute_gelu: bool = False) -> dict:
     """Activation memory of one rank: `stored` is what the forward leaves alive for backward (what a
     measurement right after forward sees, the output excluded); `peak` adds, with checkpointing, one block's
     recomputed activations during backward. `attention`: "sdpa" (flash: on GPUs, and on CPUs outside
     the tiled kernel's range) or "tiled" (the CPU kernel that keeps the attention probabilities, taken by
     `model.cpu_attention=auto` for bfloat16 up to 3,072 tokens and float32 up to 1,536: see
-    `cogvx_ds.models.dit.attention.use_tiled`)."""
+    `cogvx_ds.models.dit.attention.use_tiled`). `recompute_gelu` (`model.recompute_gelu`) has no effect with
+    checkpointing, as in the model."""
     e, d = dtype_bytes, m.inner_dim
     tok = n_text / sp + n_video // sp  # this rank's [text; video] stream
-    layer = _layer_saved(m, n_text, n_video, sp, tp, e, attention)
+    layer = _layer_saved(m, n_text, n_video, sp, tp, e, attention, recompute_gelu and not checkpointing)
     block_input = tok * d * e  # the [text; video] stream entering a block
     # outside the blocks: the patch-matmul input (the patchified copy of all latents; an SP rank's slice is a view
     # of it) and the text-projection input (a view of the whole text input); then on the whole stream, text rows
@@ -190,6 +196,7 @@ class Layout:
     offload_optimizer: bool = False  # fp32 master + Adam + gradient partitions in CPU memory
     offload_param: bool = False  # ZeRO-3 bf16 parameter partitions in CPU memory
     checkpointing: bool = True
+    recompute_gelu: bool = False  # model.recompute_gelu (matters without checkpointing)
     micro_batch: int = 1
     param_bytes: int = 2  # bf16 parameters and gradients; 4 for fp32 training (then no separate master copy)
     persistence_threshold: int = 1_000_000  # ZeRO-3: parameters smaller than this stay gathered on every rank
@@ -201,8 +208,9 @@ class Layout:
 
     def describe(self) -> str:
         off = "+offload(opt" + ("+param" if self.offload_param else "") + ")" if self.offload_optimizer else ""
+        gelu = " +GELU recompute" if self.recompute_gelu and not self.checkpointing else ""
         return (f"DP{self.dp}xSP{self.sp}xTP{self.tp} ZeRO-{self.zero_stage}{off} "
-                f"ckpt {'on' if self.checkpointing else 'off'}")
+                f"ckpt {'on' if self.checkpointing else 'off'}{gelu}")
 
 
 def model_state_bytes(m: ModelConfig, lay: Layout) -> dict:
@@ -244,7 +252,7 @@ def memory_per_gpu(m: ModelConfig, clip: Clip, lay: Layout) -> dict:
     bucket = min(lay.reduce_bucket_size, states["numel_per_rank"] * lay.dp * lay.sp) * lay.param_bytes \
         if lay.zero_stage >= 2 else 0
     act = activation_bytes(m, n_text, n_video, lay.sp, lay.tp, 2 if lay.param_bytes == 2 else 4,
-                           lay.checkpointing, lay.micro_batch)
+                           lay.checkpointing, lay.micro_batch, recompute_gelu=lay.recompute_gelu)
     buffers = states["persistent"] + gathered + bucket
     total = states["model_states"] + buffers + act["peak"]
     return {**states, "buffers": buffers, "activations": act["peak"], "total": total}
@@ -252,9 +260,10 @@ def memory_per_gpu(m: ModelConfig, clip: Clip, lay: Layout) -> dict:
 
 # --------------------------------------------------------------------------------------------------- table
 SIZES = {"2B": "model/2b", "5B": "model/5b"}
-DEFAULT_LAYOUTS = [  # (gpus, dp, sp, tp, checkpointing, offload)
+DEFAULT_LAYOUTS = [  # (gpus, dp, sp, tp, checkpointing, offload[, recompute_gelu])
     (8, 8, 1, 1, True, False), (8, 8, 1, 1, True, True), (8, 4, 2, 1, False, False), (8, 2, 4, 1, False, False),
-    (8, 2, 2, 2, False, False), (64, 64, 1, 1, True, False), (64, 16, 4, 1, False, False),
+    (8, 2, 4, 1, False, False, True), (8, 2, 2, 2, False, False), (64, 64, 1, 1, True, False),
+    (64, 16, 4, 1, False, False),
 ]
 
 
@@ -266,11 +275,13 @@ def model_rows(clip: Clip) -> list[dict]:
         fl = flops_per_sample(m, n_text, n_video)
         fl_ckpt = flops_per_sample(m, n_text, n_video, recompute=True)
         off = activation_bytes(m, n_text, n_video, checkpointing=False)
+        gelu = activation_bytes(m, n_text, n_video, checkpointing=False, recompute_gelu=True)
         on = activation_bytes(m, n_text, n_video, checkpointing=True)
         rows.append({"model": name, "params": param_count(m), "text_tokens": n_text, "video_tokens": n_video,
                      "tflops_fwd": fl["forward"] / 1e12, "tflops_train": fl["total"] / 1e12,
                      "tflops_train_ckpt": fl_ckpt["total"] / 1e12, "attention_fraction": fl["attention_fraction"],
                      "act_layer_gib": off["per_layer"] / GiB, "act_gib": off["peak"] / GiB,
+                     "act_gelu_gib": gelu["peak"] / GiB,
                      "act_ckpt_gib": on["peak"] / GiB})
     return rows
 
@@ -279,8 +290,9 @@ def layout_rows(clip: Clip, layouts=DEFAULT_LAYOUTS, sizes=("2B", "5B")) -> list
     rows = []
     for name in sizes:
         m = load_config(SIZES[name]).model
-        for gpus, dp, sp, tp, ckpt, offload in layouts:
-            lay = Layout(dp=dp, sp=sp, tp=tp, checkpointing=ckpt, offload_optimizer=offload)
+        for gpus, dp, sp, tp, ckpt, offload, *gelu in layouts:
+            lay = Layout(dp=dp, sp=sp, tp=tp, checkpointing=ckpt, offload_optimizer=offload,
+                         recompute_gelu=bool(gelu and gelu[0]))
             assert lay.gpus == gpus
             if m.num_attention_heads % (sp * tp):
                 continue
@@ -293,13 +305,14 @@ def layout_rows(clip: Clip, layouts=DEFAULT_LAYOUTS, sizes=("2B", "5B")) -> list
 def markdown(clip: Clip, layouts=DEFAULT_LAYOUTS) -> str:
     out = [f"Per sample at {clip.frames}x{clip.height}x{clip.width} (micro-batch 1, bf16 activations):", "",
            "| model | params | tokens (text + video) | TFLOP fwd | TFLOP fwd+bwd | with ckpt recompute | attention share "
-           "| activations / layer | activations, no ckpt | activations, ckpt |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| activations / layer | activations, no ckpt | no ckpt, GELU recomputed | activations, ckpt |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in model_rows(clip):
         out.append(f"| {r['model']} | {r['params'] / 1e9:.3f} B | {r['text_tokens']} + {r['video_tokens']} = "
                    f"{r['text_tokens'] + r['video_tokens']:,} | {r['tflops_fwd']:.0f} | {r['tflops_train']:.0f} | "
                    f"{r['tflops_train_ckpt']:.0f} | {100 * r['attention_fraction']:.0f}% | "
-                   f"{r['act_layer_gib']:.2f} GiB | {r['act_gib']:.1f} GiB | {r['act_ckpt_gib']:.1f} GiB |")
+                   f"{r['act_layer_gib']:.2f} GiB | {r['act_gib']:.1f} GiB | {r['act_gelu_gib']:.1f} GiB | "
+                   f"{r['act_ckpt_gib']:.1f} GiB |")
     out += ["", "Memory per GPU (GiB; bf16 params + grads, fp32 master + Adam, ZeRO over DP x SP):", "",
             "| model | GPUs | layout | model states | ZeRO buffers | activations (peak) | total per GPU | "
             "CPU per rank |", "|---|---|---|---|---|---|---|---|"]

@@ -213,3 +213,37 @@ def test_head_norm_rope_passes_gradcheck_and_matches_the_plain_composition(affin
                                  1e-6, table)
         (gx,) = torch.autograd.grad((y * cot).sum(), x32)
         torch.testing.assert_close(gx.double(), want[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recompute_gelu_gives_identical_gradients_and_keeps_less(dtype, tmp_path):
+    """model.recompute_gelu: the same outputs and gradients bit for bit (the GELU output is rebuilt by the same
+    kernel), 4 x width x tokens fewer saved values per block (fc2's input), and nothing changes under activation
+    checkpointing (whose own saved-tensor hooks must stay the only ones there)."""
+    from cogvx_ds.perf_measure import model_constants, saved_tensor_bytes
+
+    make_reference("5b").save_pretrained(tmp_path)
+    x, text, t, probe = (u.to(dtype) if u.is_floating_point() and u.dim() > 1 else u
+                         for u in make_inputs("5b", SIZES[0]))
+    results = {}
+    for gelu, ckpt in [(False, False), (True, False), (True, True)]:
+        m = CogVideoXTransformer.from_diffusers(tmp_path, dtype=dtype, recompute_gelu=gelu,
+                                                activation_checkpointing=ckpt, cpu_half_compute="native")
+        assert all(b.mlp.recompute_gelu == (gelu and not ckpt) for b in m.blocks)
+        outs = _forward_backward(m, x, text, t, probe)
+        grads = [p.grad for p in m.parameters()]
+        _, saved = saved_tensor_bytes(partial(m, x, text, t), model_constants(m))
+        results[gelu, ckpt] = (outs, grads, saved)
+    (o0, g0, s0), (o1, g1, s1) = results[False, False], results[True, False]
+    for a, b in zip([*o0, *g0], [*o1, *g1]):
+        assert torch.equal(a, b)
+    cfg = m.config
+    tokens = x.shape[0] * (x.shape[1] * x.shape[3] * x.shape[4] // 4 + cfg.max_text_seq_length)
+    assert s0 - s1 == cfg.num_layers * 4 * cfg.inner_dim * tokens * dtype.itemsize
+    (o2, g2, s2) = results[True, True]  # checkpointing: recomputed blocks, same numbers, block inputs kept only
+    for a, b in zip([*o0, *g0], [*o2, *g2]):
+        assert torch.equal(a, b)
+    assert s2 < s1 / 4
+    with pytest.raises(ValueError, match="contiguous"):
+        with fused.recompute_in_backward(torch.zeros(4, 4).t(), lambda: None):
+            pass

@@ -96,8 +96,8 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 def config_hash(cfg: Config) -> str:
     """Hash of what defines the model and its data; a resumed run must match it."""
     d = {"model": dataclasses.asdict(cfg.model), "diffusion": dataclasses.asdict(cfg.diffusion)}
-    for speed_only in ("activation_checkpointing", "cpu_half_compute", "cpu_linear", "cpu_attention",
-                       "compile_blocks"):  # same maths either way
+    for speed_only in ("activation_checkpointing", "recompute_gelu", "cpu_half_compute", "cpu_linear",
+                       "cpu_attention", "compile_blocks"):  # same maths either way
         d["model"].pop(speed_only)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

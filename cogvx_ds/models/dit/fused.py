@@ -185,6 +185,41 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+class _Rebuild:
+    """What autograd keeps instead of a saved tensor under `recompute_in_backward`: how to make it again, and the
+    saved tensor's view of it (a linear may save a reshaped view of its input)."""
+
+    __slots__ = ("fn", "size", "stride", "offset")
+
+    def __init__(self, fn, t: torch.Tensor):
+        self.fn, self.size, self.stride, self.offset = fn, t.size(), t.stride(), t.storage_offset()
+
+
+def recompute_in_backward(target: torch.Tensor, fn):
+    """A context in which autograd saves `target` (contiguous), or any view of it, as `fn` (called under no_grad in
+    backward to rebuild it, exactly, with target's shape) instead of keeping its memory; every other saved tensor is
+    kept as usual. `fn` must not capture `target`.
+
+    Autograd runs only the innermost saved-tensor hooks, so this must not be nested inside another user of them
+    (activation checkpointing): the tensors saved here would bypass its hooks."""
+    if not target.is_contiguous() or target.storage_offset():
+        raise ValueError("recompute_in_backward: the target must be a contiguous tensor that starts its storage")
+    storage, dtype = target.untyped_storage().data_ptr(), target.dtype
+
+    def pack(t):
+        if t.dtype == dtype and t.untyped_storage().data_ptr() == storage:
+            return _Rebuild(fn, t)
+        return t
+
+    def unpack(p):
+        if isinstance(p, _Rebuild):
+            with torch.no_grad():
+                return p.fn().as_strided(p.size, p.stride, p.offset)
+        return p
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 

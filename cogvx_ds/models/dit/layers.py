@@ -17,7 +17,14 @@ from torch import nn
 
 from cogvx_ds.config import ModelConfig
 from cogvx_ds.models.dit.attention import attention
-from cogvx_ds.models.dit.fused import Linear, ada_layer_norm, gated_residual, gelu_tanh, head_norm_rope
+from cogvx_ds.models.dit.fused import (
+    Linear,
+    ada_layer_norm,
+    gated_residual,
+    gelu_tanh,
+    head_norm_rope,
+    recompute_in_backward,
+)
 from cogvx_ds.models.dit.linear import linear, onednn_linear, use_onednn
 from cogvx_ds.parallel import state
 from cogvx_ds.parallel.comm import copy_to_group
@@ -159,10 +166,18 @@ class MLP(nn.Module):
                                 gather_output=False, tp_group=state.tp_group())
         self.fc2 = RowLinear(4 * dim, dim, config=mp, init_method=_no_init, bias=True,
                              input_is_parallel=True, skip_bias_add=False, tp_group=state.tp_group())
+        # under activation checkpointing nothing is kept anyway, and its saved-tensor hooks must stay the only ones
+        self.recompute_gelu = cfg.recompute_gelu and not cfg.activation_checkpointing
 
     def forward(self, x, compute=None):
         h, _ = self.fc1(_to(x, compute))
-        out, _ = self.fc2(gelu_tanh(h))
+        a = gelu_tanh(h)
+        if self.recompute_gelu and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            kept = h.detach()  # saved by the GELU's backward anyway
+            with recompute_in_backward(a, lambda: gelu_tanh(kept)):  # fc2 saves its input for the weight gradient
+                out, _ = self.fc2(a)
+        else:
+            out, _ = self.fc2(a)
         return out.to(x.dtype)
 
 
