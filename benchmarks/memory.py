@@ -10,6 +10,7 @@
 
     python benchmarks/memory.py            # both, writes benchmarks/results/memory.json
     python benchmarks/memory.py --quick    # smaller sizes, ranks 1 and 2 only
+    python benchmarks/memory.py --recompute-gelu   # (b) with model.recompute_gelu=true
 
 Each measurement runs under torchrun in its own processes (`--worker zero3|sp`, rank 0 writes a JSON file).
 """
@@ -107,7 +108,8 @@ def worker_sp(out: Path, sp: int, model_overrides: list[str], latent: list[int],
     out_t, live = live_bytes(forward)
     live -= out_t.numel() * out_t.element_size()  # the output is not an activation
     n_text, n_video = m.max_text_seq_length, f * h * w // m.patch_size**2
-    analytic = activation_bytes(m, n_text, n_video, sp=sp, dtype_bytes=dtype.itemsize)["stored"]
+    analytic = activation_bytes(m, n_text, n_video, sp=sp, dtype_bytes=dtype.itemsize,
+                                recompute_gelu=m.recompute_gelu)["stored"]
     rows = [None] * dist.get_world_size()
     dist.all_gather_object(rows, {"rank": dist.get_rank(), "saved": saved, "live": live})
     if dist.get_rank() == 0:
@@ -170,6 +172,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sp", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--model", nargs="*", default=None, help="model.* overrides (default: per measurement)")
+    ap.add_argument("--recompute-gelu", action="store_true",
+                    help="(b) with model.recompute_gelu=true (the GELU outputs rebuilt in backward, not kept)")
     args = ap.parse_args(argv)
     sp_model = ["model.num_attention_heads=8", "model.attention_head_dim=32", "model.num_layers=2",
                 "model.max_text_seq_length=64", "model.use_rotary_positional_embeddings=true"]
@@ -181,6 +185,8 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.ranks, args.latent = [1, 2], [2, 64, 64]
+    if args.recompute_gelu:
+        sp_model.append("model.recompute_gelu=true")
 
     zero3_runs = [torchrun(n, "--worker", "zero3") for n in args.ranks]
     zero3 = [zero3_row(r) for r in zero3_runs]
@@ -194,17 +200,18 @@ def main(argv=None) -> int:
     sp_runs = []
     for sp in args.ranks:
         sp_runs.append(torchrun(sp, "--worker", "sp", "--sp", str(sp), "--dtype", args.dtype,
-                                "--latent", *map(str, args.latent)))
+                                "--latent", *map(str, args.latent), "--model", *sp_model))
     sp1 = next((r for r in sp_runs if r["sp"] == 1), None)
     sp_rows = [sp_row(r, sp1) for r in sp_runs]
     r0 = sp_runs[0]
+    gelu = ", GELU outputs recomputed" if args.recompute_gelu else ""
     print(f"\n(b) activations per rank, {r0['layers']} layers, width {r0['width']}, {r0['video_tokens']} video + "
-          f"{r0['text_tokens']} text tokens, {r0['dtype']}, MiB, largest rank")
+          f"{r0['text_tokens']} text tokens, {r0['dtype']}{gelu}, MiB, largest rank")
     print_table(sp_rows, [("sp", "SP"), ("saved_mib", "saved tensors", "{:.1f}"),
                           ("analytic_mib", "analytic", "{:.1f}"), ("saved_vs_analytic", "saved/analytic", "{:.3f}"),
                           ("saved_vs_sp1_over_sp", "saved / (SP1/SP)", "{:.3f}"), ("live_mib", "live", "{:.1f}"),
                           ("live_vs_sp1_over_sp", "live / (SP1/SP)", "{:.3f}")])
-    path = write_results("memory", {"zero3": zero3, "sp_activations": sp_rows, "zero3_model": ZERO3_MODEL,
+    path = write_results("memory_recompute_gelu" if args.recompute_gelu else "memory", {"zero3": zero3, "sp_activations": sp_rows, "zero3_model": ZERO3_MODEL,
                                     "zero3_ds_overrides": ZERO3_DS, "sp_model": sp_model, "latent": args.latent,
                                     "raw": {"zero3": zero3_runs, "sp": sp_runs}})
     print(f"wrote {path}")
