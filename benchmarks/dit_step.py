@@ -122,6 +122,9 @@ def main(argv=None) -> int:
     ap.add_argument("--attention-kernels", action="store_true",
                     help="also time ours with model.cpu_attention=sdpa (torch SDPA everywhere: the before of the CPU "
                          "tiled attention kernel, which the default routes bfloat16 to)")
+    ap.add_argument("--recompute-gelu", action="store_true",
+                    help="also time ours with model.recompute_gelu=true (GELU outputs rebuilt in backward: less "
+                         "activation memory, reported as step GiB on a GPU)")
     ap.add_argument("--bf16-native", action="store_true",
                     help="also time ours with native bf16 matmuls (model.cpu_half_compute=native)")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-op breakdown")
@@ -202,6 +205,9 @@ def main(argv=None) -> int:
             if args.attention_kernels:
                 variants["ours_sdpa"] = build(cpu_attention="sdpa")
                 label["ours_sdpa"] = label["ours"] + "[sdpa attention]"
+            if args.recompute_gelu:
+                variants["ours_regelu"] = build(recompute_gelu=True)
+                label["ours_regelu"] = label["ours"] + "[recompute_gelu]"
             if args.bf16_native and dt_name == "bf16":
                 variants["ours_native"] = build(cpu_half_compute="native")
                 label["ours_native"] = "ours[native bf16]"

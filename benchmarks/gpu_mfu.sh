@@ -2,7 +2,8 @@
 # The GPU part of the performance benchmarks, prepared for a lent accelerator (the `device` tool; see
 # /work/.library/device/README.md): the DiT training step of CogVideoX-2B and -5B shapes with fewer layers
 # (49x480x720 clips, bf16), ours beside diffusers on the same weights, MFU against the card's measured bf16
-# matmul and against its datasheet peak (989 TFLOP/s dense bf16 for an H100/H200 SXM).
+# matmul and against its datasheet peak (989 TFLOP/s dense bf16 for an H100/H200 SXM), and the step's
+# peak memory with and without model.recompute_gelu.
 #
 #   here:   bash benchmarks/gpu_mfu.sh prepare
 #           wheels of what the device image lacks (diffusers, megatron-core; Python 3.12) -> .whl/ (git-ignored)
@@ -28,7 +29,7 @@ run)
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
   for preset in 2b 5b; do
     python3 benchmarks/dit_step.py --device cuda --preset "$preset" --layers "${LAYERS:-4}" --reps "${REPS:-5}" \
-        --spec-tflops "${SPEC_TFLOPS:-989}"
+        --spec-tflops "${SPEC_TFLOPS:-989}" --recompute-gelu
     mv "$COGVX_BENCH_RESULTS/dit_step.json" "$COGVX_BENCH_RESULTS/dit_step_$preset.json"
   done
   ;;

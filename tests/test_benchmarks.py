@@ -19,13 +19,14 @@ TOY = ["--layers", "1", "--heads", "2", "--head-dim", "16", "--latent", "2", "8"
 @pytest.mark.parametrize("preset", ["2b", "5b"])
 def test_dit_step_runs_each_preset_beside_diffusers(preset, tmp_path, monkeypatch):
     monkeypatch.setattr(common, "RESULTS", tmp_path)
-    assert dit_step.main(["--preset", preset, "--dtypes", "fp32", "--linear-kernels", *TOY]) == 0
+    extra = ["--linear-kernels"] + (["--recompute-gelu"] if preset == "5b" else [])
+    assert dit_step.main(["--preset", preset, "--dtypes", "fp32", *extra, *TOY]) == 0
     res = json.loads((tmp_path / "dit_step.json").read_text())
     assert res["preset"] == preset and res["device"] == "cpu" and res["rounds"] == {"fp32": 1}
     assert res["config"]["use_rotary_positional_embeddings"] == (preset == "5b")
     assert res["config"]["text_embed_dim"] == 4096
     variants = [r["variant"] for r in res["rows"]]
-    assert variants == ["ours", "ours[aten linear]"]
+    assert variants == ["ours", "ours[aten linear]"] + (["ours[recompute_gelu]"] if preset == "5b" else [])
     for row in res["rows"]:
         assert row["tokens"] == 2 * 8 * 8 // 4 + 8
         assert row["ours_s"] > 0 and row["diffusers_s"] > 0 and row["speedup"] > 0
