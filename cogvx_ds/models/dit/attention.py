@@ -26,8 +26,8 @@ The kernel works on a few (sample, head) pairs at a time, as many as keep one ti
     backward  dV = P^T dO,  dS = P * (dO v^T - D),  D = rowsum(dO * O),  dQ = dS k / sqrt(d),  dK = dS^T q / sqrt(d)
 Precision in bfloat16: the scores S are always float32, from float32 copies of q and k (rounding the raw scores to
 bfloat16 would lose 2^-9 of |S|, 5-9x flash's error at large logits; one float32 matmul into a reused scratch tile
-also costs less than two bfloat16 passes that compute a rounding-safe S - rowmax, 1.03-1.08x forward at 256-2,048
-tokens, 1.28x at the demo's), the softmax runs in float32 and P is rounded once, for the kept copy and P v.
+also costs less than two bfloat16 passes that compute a rounding-safe S - rowmax, 1.01-1.08x forward at 256-2,048
+tokens, 1.3-1.5x at the demo's), the softmax runs in float32 and P is rounded once, for the kept copy and P v.
 In the backward dO v^T - D comes from one bfloat16 matmul with D (float32, split into two bfloat16 parts) as extra
 columns of dO, rounded once, after the cancellation. Every other matmul accumulates in float32 and rounds its
 output. Errors against float64 attention: 0.65-1.55x SDPA's (2e-3 to 6.4e-3, about a bfloat16 ulp), and in a whole
