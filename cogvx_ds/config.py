@@ -71,8 +71,8 @@ class ModelConfig:
     # attention on CPUs: "auto" runs bfloat16 attention of up to 3,072 tokens and float32 attention of up to 1,536
     # tokens (from 512 on one thread; without autograd up to 128) on a tiled-math kernel (bfloat16 1.4-3.7x faster
     # than SDPA's CPU flash kernel there, float32 1.04-1.3x; it keeps the attention probabilities for backward, at
-    # most 256 MiB per layer) and the rest on torch SDPA; "sdpa" always SDPA; "tiled" always the tiled kernel. Same maths up to
-    # rounding; no effect on GPUs (cogvx_ds.models.dit.attention).
+    # most 256 MiB per layer) and the rest on torch SDPA; "sdpa" always SDPA; "tiled" always the tiled kernel.
+    # Same maths up to rounding; no effect on GPUs (cogvx_ds.models.dit.attention).
     cpu_attention: str = "auto"
     # torch.compile each transformer block (inductor; on CPUs it needs a C++ compiler). Numerically checked
     # against eager in tests; pays off only in steady state (the first steps compile, for minutes on small CPUs).
