@@ -35,7 +35,8 @@ bfloat16 model the same as SDPA's against the float32 model; see tests/test_dit_
 
 Memory: it keeps P, batch x heads x S^2 elements in the input dtype, where flash keeps O(S). The "auto" route
 takes it only while that stays under `TILED_MAX_SAVED_BYTES` per call (no limit without autograd: then only one
-tile lives at a time); `cogvx_ds.perf_model.activation_bytes(attention="tiled")` counts it. Never on GPUs (flash
+tile lives at a time); `cogvx_ds.perf_model.activation_bytes(attention="tiled")` counts it. In half precision the
+forward also holds one float32 tile of scores and float32 copies of q and k while it runs. Never on GPUs (flash
 is faster there) and never inside torch.compile (`model.compile_blocks` compiles SDPA).
 
 `model.cpu_attention`: "auto" (the route above), "sdpa" (always torch SDPA), "tiled" (the tiled kernel for any
