@@ -2,6 +2,7 @@
 
     python -m cogvx_ds.perf_model                    # the 2B / 5B table at 49x480x720
     python -m cogvx_ds.perf_model --frames 49 --height 768 --width 1360
+    python -m cogvx_ds.perf_model --model 5b --gpus 16 --sp 4 --no-ckpt --recompute-gelu   # your own layout
 
 What it models, for one ModelConfig and one clip shape:
 - parameters: an inventory of every weight with its shape and how TP splits it (checked against the real
@@ -322,13 +323,66 @@ def markdown(clip: Clip, layouts=DEFAULT_LAYOUTS) -> str:
     return "\n".join(out)
 
 
+def layout_report(m: ModelConfig, name: str, clip: Clip, lay: Layout) -> str:
+    """One model on one layout: the per-GPU breakdown as lines of text."""
+    mem = memory_per_gpu(m, clip, lay)
+    n_text, n_video = clip.tokens(m)
+    lines = [f"{name} on {lay.gpus} GPUs, {lay.describe()}, micro-batch {lay.micro_batch}, "
+             f"{clip.frames}x{clip.height}x{clip.width} ({n_text} text + {n_video} video tokens), GiB per GPU:"]
+    for key, what in [("model_states", "model states (params, grads, master, Adam)"), ("buffers", "ZeRO buffers"),
+                      ("activations", "activations (peak)"), ("total", "total"), ("host", "CPU memory per rank")]:
+        lines.append(f"  {what:<44} {mem[key] / GiB:8.1f}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m cogvx_ds.perf_model", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=49)
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--width", type=int, default=720)
+    own = ap.add_argument_group("your own layout (any of these prints it instead of the default layouts)")
+    own.add_argument("--model", default=None,
+                     help="2b, 5b, or a model config (packaged name such as model/tiny, or a YAML path); default 5b")
+    own.add_argument("--gpus", type=int, help="GPUs in all (DP = gpus / (SP x TP))")
+    own.add_argument("--sp", type=int, default=None, help="Ulysses sequence-parallel degree (default 1)")
+    own.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default 1)")
+    own.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=None, help="ZeRO stage (default 3)")
+    own.add_argument("--offload", choices=["none", "optimizer", "param"], default=None,
+                     help="ZeRO offload to CPU memory: the optimizer (master, Adam, grads), or that and the "
+                          "parameters (ZeRO-3)")
+    own.add_argument("--no-ckpt", action="store_true", help="without activation checkpointing")
+    own.add_argument("--recompute-gelu", action="store_true", help="model.recompute_gelu (matters without ckpt)")
+    own.add_argument("--micro-batch", type=int, default=None, help="samples per GPU per step (default 1)")
     args = ap.parse_args(argv)
-    print(markdown(Clip(args.frames, args.height, args.width)))
+    clip = Clip(args.frames, args.height, args.width)
+    custom = [args.model, args.gpus, args.sp, args.tp, args.zero, args.offload, args.micro_batch]
+    if all(v is None for v in custom) and not (args.no_ckpt or args.recompute_gelu):
+        print(markdown(clip))
+        return 0
+    name = args.model or "5b"
+    try:
+        m = load_config(SIZES.get(name.upper(), name)).model
+    except (FileNotFoundError, ValueError) as e:
+        ap.error(f"--model {name}: {e} (expected 2b, 5b, a packaged model config such as model/tiny, or a YAML file "
+                 "with a model section)")
+    sp, tp = (1 if v is None else v for v in (args.sp, args.tp))
+    gpus = sp * tp if args.gpus is None else args.gpus
+    micro = 1 if args.micro_batch is None else args.micro_batch
+    for flag, value in (("--sp", sp), ("--tp", tp), ("--gpus", gpus), ("--micro-batch", micro)):
+        if value < 1:
+            ap.error(f"{flag} must be at least 1, got {value}")
+    if gpus % (sp * tp):
+        ap.error(f"--gpus {gpus} is not a multiple of SP x TP = {sp * tp}")
+    if m.num_attention_heads % (sp * tp):
+        ap.error(f"{name} has {m.num_attention_heads} heads, which SP x TP = {sp * tp} must divide")
+    zero = 3 if args.zero is None else args.zero
+    if args.offload == "param" and zero != 3:
+        ap.error("--offload param needs ZeRO-3 (--zero 3)")
+    lay = Layout(dp=gpus // (sp * tp), sp=sp, tp=tp, zero_stage=zero, checkpointing=not args.no_ckpt,
+                 recompute_gelu=args.recompute_gelu, micro_batch=micro,
+                 offload_optimizer=args.offload in ("optimizer", "param"), offload_param=args.offload == "param")
+    print(layout_report(m, name, clip, lay))
     return 0
 
 

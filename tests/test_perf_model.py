@@ -144,6 +144,19 @@ def test_perf_model_cli_prints_the_table(capsys):
 
     assert main([]) == 0
     assert "17,776" in capsys.readouterr().out
+    # a user's own layout: the same numbers as memory_per_gpu, and the README's 5B DP2 x SP4 rows
+    assert main(["--model", "5b", "--gpus", "8", "--sp", "4", "--no-ckpt"]) == 0
+    out = capsys.readouterr().out
+    mem = memory_per_gpu(load_config("model/5b").model, Clip(), Layout(dp=2, sp=4, checkpointing=False))
+    assert "DP2xSP4xTP1 ZeRO-3 ckpt off" in out and f"{mem['total'] / 2**30:8.1f}" in out and "35.6" in out
+    assert main(["--model", "5b", "--gpus", "8", "--sp", "4", "--no-ckpt", "--recompute-gelu"]) == 0
+    assert "31.3" in capsys.readouterr().out
+    for bad, message in [(["--model", "2b", "--sp", "4"], "30 heads"), (["--gpus", "10", "--sp", "4"], "multiple"),
+                         (["--model", "7b"], "--model 7b"), (["--offload", "param", "--zero", "2"], "ZeRO-3"),
+                         (["--gpus", "0"], "at least 1")]:
+        with pytest.raises(SystemExit):
+            main(bad)
+        assert message in capsys.readouterr().err, bad
 
 
 # ------------------------------------------------------------------------------------------- multi-process
