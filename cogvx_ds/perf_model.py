@@ -338,9 +338,9 @@ def layout_report(m: ModelConfig, name: str, clip: Clip, lay: Layout) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cogvx_ds.perf_model", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--frames", type=int, default=49)
-    ap.add_argument("--height", type=int, default=480)
-    ap.add_argument("--width", type=int, default=720)
+    ap.add_argument("--frames", type=int, default=49, help="clip frames, 4k+1 (default 49)")
+    ap.add_argument("--height", type=int, default=480, help="clip height in pixels (default 480)")
+    ap.add_argument("--width", type=int, default=720, help="clip width in pixels (default 720)")
     own = ap.add_argument_group("your own layout (any of these prints it instead of the default layouts)")
     own.add_argument("--model", default=None,
                      help="2b, 5b, or a model config (packaged name such as model/tiny, or a YAML path); default 5b")
