@@ -215,11 +215,13 @@ def test_head_norm_rope_passes_gradcheck_and_matches_the_plain_composition(affin
         torch.testing.assert_close(gx.double(), want[0], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_recompute_gelu_gives_identical_gradients_and_keeps_less(dtype, tmp_path):
+@pytest.mark.parametrize("dtype,half_compute", [(torch.float32, "native"), (torch.bfloat16, "native"),
+                                                (torch.bfloat16, "fp32")], ids=["fp32", "bf16", "bf16_fp32_compute"])
+def test_recompute_gelu_gives_identical_gradients_and_keeps_less(dtype, half_compute, tmp_path):
     """model.recompute_gelu: the same outputs and gradients bit for bit (the GELU output is rebuilt by the same
-    kernel), 4 x width x tokens fewer saved values per block (fc2's input), and nothing changes under activation
-    checkpointing (whose own saved-tensor hooks must stay the only ones there)."""
+    kernel), 4 x width x tokens fewer saved values per block (fc2's input, in the compute dtype: float32 under the
+    CPU half-precision fallback), and nothing changes under activation checkpointing (whose own saved-tensor hooks
+    must stay the only ones there)."""
     from cogvx_ds.perf_measure import model_constants, saved_tensor_bytes
 
     make_reference("5b").save_pretrained(tmp_path)
@@ -228,7 +230,7 @@ def test_recompute_gelu_gives_identical_gradients_and_keeps_less(dtype, tmp_path
     results = {}
     for gelu, ckpt in [(False, False), (True, False), (True, True)]:
         m = CogVideoXTransformer.from_diffusers(tmp_path, dtype=dtype, recompute_gelu=gelu,
-                                                activation_checkpointing=ckpt, cpu_half_compute="native")
+                                                activation_checkpointing=ckpt, cpu_half_compute=half_compute)
         assert all(b.mlp.recompute_gelu == (gelu and not ckpt) for b in m.blocks)
         outs = _forward_backward(m, x, text, t, probe)
         grads = [p.grad for p in m.parameters()]
@@ -239,7 +241,8 @@ def test_recompute_gelu_gives_identical_gradients_and_keeps_less(dtype, tmp_path
         assert torch.equal(a, b)
     cfg = m.config
     tokens = x.shape[0] * (x.shape[1] * x.shape[3] * x.shape[4] // 4 + cfg.max_text_seq_length)
-    assert s0 - s1 == cfg.num_layers * 4 * cfg.inner_dim * tokens * dtype.itemsize
+    compute = torch.float32 if half_compute == "fp32" else dtype
+    assert s0 - s1 == cfg.num_layers * 4 * cfg.inner_dim * tokens * compute.itemsize
     (o2, g2, s2) = results[True, True]  # checkpointing: recomputed blocks, same numbers, block inputs kept only
     for a, b in zip([*o0, *g0], [*o2, *g2]):
         assert torch.equal(a, b)
@@ -247,3 +250,32 @@ def test_recompute_gelu_gives_identical_gradients_and_keeps_less(dtype, tmp_path
     with pytest.raises(ValueError, match="contiguous"):
         with fused.recompute_in_backward(torch.zeros(4, 4).t(), lambda: None):
             pass
+
+
+def test_recompute_in_backward_composes_with_outer_saved_tensor_hooks():
+    """Tensors other than the target go to the hooks active around the context (a user's save_on_cpu, or the
+    saved-bytes measurement), the target does not; gradients are those of the plain graph."""
+    x, w = torch.randn(4, 8, requires_grad=True), torch.randn(8, 6, requires_grad=True)
+    torch.tanh(x).matmul(w).square().sum().backward()
+    expected = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    seen, unpacked = [], []
+
+    def pack(t):
+        seen.append(tuple(t.shape))
+        return t
+
+    def unpack(t):
+        unpacked.append(tuple(t.shape))
+        return t
+
+    a = torch.tanh(x)
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        with fused.recompute_in_backward(a, lambda: torch.tanh(x.detach())):
+            y = a.matmul(w)  # saves a (the target) and w
+        loss = y.square().sum()
+    loss.backward()
+    assert (8, 6) in seen and (4, 8) not in seen  # mm's w went to the outer hooks, its a (the target) did not
+    assert (8, 6) in unpacked
+    torch.testing.assert_close(x.grad, expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(w.grad, expected[1], rtol=0, atol=0)

@@ -195,27 +195,43 @@ class _Rebuild:
         self.fn, self.size, self.stride, self.offset = fn, t.size(), t.stride(), t.storage_offset()
 
 
+class _Outer:
+    """A saved tensor as packed by the saved-tensor hooks that were active around `recompute_in_backward`."""
+
+    __slots__ = ("packed",)
+
+    def __init__(self, packed):
+        self.packed = packed
+
+
+def _outer_hooks():
+    """The saved-tensor hooks active now (e.g. a user's `torch.autograd.graph.save_on_cpu`), or None. Autograd runs
+    only the innermost hooks, so ours hand every other tensor to these. Private API (functorch uses it); without
+    it the other tensors are kept as they are."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top(False) if top is not None else None
+
+
 def recompute_in_backward(target: torch.Tensor, fn):
     """A context in which autograd saves `target` (contiguous), or any view of it, as `fn` (called under no_grad in
-    backward to rebuild it, exactly, with target's shape) instead of keeping its memory; every other saved tensor is
-    kept as usual. `fn` must not capture `target`.
-
-    Autograd runs only the innermost saved-tensor hooks, so this must not be nested inside another user of them
-    (activation checkpointing): the tensors saved here would bypass its hooks."""
+    backward to rebuild it, exactly, with target's shape) instead of keeping its memory; every other saved tensor
+    goes to the saved-tensor hooks active around this context, if any, or is kept as usual. `fn` must not capture
+    `target`. Not for use inside activation checkpointing (its recomputation re-enters the forward)."""
     if not target.is_contiguous() or target.storage_offset():
         raise ValueError("recompute_in_backward: the target must be a contiguous tensor that starts its storage")
     storage, dtype = target.untyped_storage().data_ptr(), target.dtype
+    outer = _outer_hooks()
 
     def pack(t):
         if t.dtype == dtype and t.untyped_storage().data_ptr() == storage:
             return _Rebuild(fn, t)
-        return t
+        return t if outer is None else _Outer(outer[0](t))
 
     def unpack(p):
         if isinstance(p, _Rebuild):
             with torch.no_grad():
                 return p.fn().as_strided(p.size, p.stride, p.offset)
-        return p
+        return outer[1](p.packed) if isinstance(p, _Outer) else p
 
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 

@@ -166,7 +166,7 @@ class MLP(nn.Module):
                                 gather_output=False, tp_group=state.tp_group())
         self.fc2 = RowLinear(4 * dim, dim, config=mp, init_method=_no_init, bias=True,
                              input_is_parallel=True, skip_bias_add=False, tp_group=state.tp_group())
-        # under activation checkpointing nothing is kept anyway, and its saved-tensor hooks must stay the only ones
+        # under activation checkpointing nothing is kept anyway (and the recipe would keep fc1's output alive)
         self.recompute_gelu = cfg.recompute_gelu and not cfg.activation_checkpointing
 
     def forward(self, x, compute=None):
