@@ -211,9 +211,10 @@ def main(argv=None) -> int:
                           ("analytic_mib", "analytic", "{:.1f}"), ("saved_vs_analytic", "saved/analytic", "{:.3f}"),
                           ("saved_vs_sp1_over_sp", "saved / (SP1/SP)", "{:.3f}"), ("live_mib", "live", "{:.1f}"),
                           ("live_vs_sp1_over_sp", "live / (SP1/SP)", "{:.3f}")])
-    path = write_results("memory_recompute_gelu" if args.recompute_gelu else "memory", {"zero3": zero3, "sp_activations": sp_rows, "zero3_model": ZERO3_MODEL,
-                                    "zero3_ds_overrides": ZERO3_DS, "sp_model": sp_model, "latent": args.latent,
-                                    "raw": {"zero3": zero3_runs, "sp": sp_runs}})
+    name = "memory_recompute_gelu" if args.recompute_gelu else "memory"
+    path = write_results(name, {"zero3": zero3, "sp_activations": sp_rows, "zero3_model": ZERO3_MODEL,
+                                "zero3_ds_overrides": ZERO3_DS, "sp_model": sp_model, "latent": args.latent,
+                                "raw": {"zero3": zero3_runs, "sp": sp_runs}})
     print(f"wrote {path}")
     return 0
 

@@ -261,10 +261,10 @@ def memory_per_gpu(m: ModelConfig, clip: Clip, lay: Layout) -> dict:
 
 # --------------------------------------------------------------------------------------------------- table
 SIZES = {"2B": "model/2b", "5B": "model/5b"}
-DEFAULT_LAYOUTS = [  # (gpus, dp, sp, tp, checkpointing, offload[, recompute_gelu])
-    (8, 8, 1, 1, True, False), (8, 8, 1, 1, True, True), (8, 4, 2, 1, False, False), (8, 2, 4, 1, False, False),
-    (8, 2, 4, 1, False, False, True), (8, 2, 2, 2, False, False), (64, 64, 1, 1, True, False),
-    (64, 16, 4, 1, False, False),
+DEFAULT_LAYOUTS = [  # (gpus, dp, sp, tp, checkpointing, offload, recompute_gelu)
+    (8, 8, 1, 1, True, False, False), (8, 8, 1, 1, True, True, False), (8, 4, 2, 1, False, False, False),
+    (8, 2, 4, 1, False, False, False), (8, 2, 4, 1, False, False, True), (8, 2, 2, 2, False, False, False),
+    (64, 64, 1, 1, True, False, False), (64, 16, 4, 1, False, False, False),
 ]
 
 
@@ -291,9 +291,8 @@ def layout_rows(clip: Clip, layouts=DEFAULT_LAYOUTS, sizes=("2B", "5B")) -> list
     rows = []
     for name in sizes:
         m = load_config(SIZES[name]).model
-        for gpus, dp, sp, tp, ckpt, offload, *gelu in layouts:
-            lay = Layout(dp=dp, sp=sp, tp=tp, checkpointing=ckpt, offload_optimizer=offload,
-                         recompute_gelu=bool(gelu and gelu[0]))
+        for gpus, dp, sp, tp, ckpt, offload, gelu in layouts:
+            lay = Layout(dp=dp, sp=sp, tp=tp, checkpointing=ckpt, offload_optimizer=offload, recompute_gelu=gelu)
             assert lay.gpus == gpus
             if m.num_attention_heads % (sp * tp):
                 continue
@@ -335,6 +334,26 @@ def layout_report(m: ModelConfig, name: str, clip: Clip, lay: Layout) -> str:
     return "\n".join(lines)
 
 
+def _custom_layout(ap: argparse.ArgumentParser, args, name: str, m: ModelConfig) -> Layout:
+    """The CLI's own-layout options as a Layout; what cannot run is an argparse error that names the flag."""
+    sp, tp = (1 if v is None else v for v in (args.sp, args.tp))
+    gpus = sp * tp if args.gpus is None else args.gpus
+    micro = 1 if args.micro_batch is None else args.micro_batch
+    for flag, value in (("--sp", sp), ("--tp", tp), ("--gpus", gpus), ("--micro-batch", micro)):
+        if value < 1:
+            ap.error(f"{flag} must be at least 1, got {value}")
+    if gpus % (sp * tp):
+        ap.error(f"--gpus {gpus} is not a multiple of SP x TP = {sp * tp}")
+    if m.num_attention_heads % (sp * tp):
+        ap.error(f"{name} has {m.num_attention_heads} heads, which SP x TP = {sp * tp} must divide")
+    zero = 3 if args.zero is None else args.zero
+    if args.offload == "param" and zero != 3:
+        ap.error("--offload param needs ZeRO-3 (--zero 3)")
+    return Layout(dp=gpus // (sp * tp), sp=sp, tp=tp, zero_stage=zero, checkpointing=not args.no_ckpt,
+                  recompute_gelu=args.recompute_gelu, micro_batch=micro,
+                  offload_optimizer=args.offload in ("optimizer", "param"), offload_param=args.offload == "param")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cogvx_ds.perf_model", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -366,22 +385,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         ap.error(f"--model {name}: {e} (expected 2b, 5b, a packaged model config such as model/tiny, or a YAML file "
                  "with a model section)")
-    sp, tp = (1 if v is None else v for v in (args.sp, args.tp))
-    gpus = sp * tp if args.gpus is None else args.gpus
-    micro = 1 if args.micro_batch is None else args.micro_batch
-    for flag, value in (("--sp", sp), ("--tp", tp), ("--gpus", gpus), ("--micro-batch", micro)):
-        if value < 1:
-            ap.error(f"{flag} must be at least 1, got {value}")
-    if gpus % (sp * tp):
-        ap.error(f"--gpus {gpus} is not a multiple of SP x TP = {sp * tp}")
-    if m.num_attention_heads % (sp * tp):
-        ap.error(f"{name} has {m.num_attention_heads} heads, which SP x TP = {sp * tp} must divide")
-    zero = 3 if args.zero is None else args.zero
-    if args.offload == "param" and zero != 3:
-        ap.error("--offload param needs ZeRO-3 (--zero 3)")
-    lay = Layout(dp=gpus // (sp * tp), sp=sp, tp=tp, zero_stage=zero, checkpointing=not args.no_ckpt,
-                 recompute_gelu=args.recompute_gelu, micro_batch=micro,
-                 offload_optimizer=args.offload in ("optimizer", "param"), offload_param=args.offload == "param")
+    lay = _custom_layout(ap, args, name, m)
     print(layout_report(m, name, clip, lay))
     return 0
 

@@ -7,6 +7,7 @@ fused Functions in `fused.py` without splitting and re-joining the stream.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -172,11 +173,11 @@ class MLP(nn.Module):
     def forward(self, x, compute=None):
         h, _ = self.fc1(_to(x, compute))
         a = gelu_tanh(h)
+        keep_a = nullcontext()
         if self.recompute_gelu and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             kept = h.detach()  # saved by the GELU's backward anyway
-            with recompute_in_backward(a, lambda: gelu_tanh(kept)):  # fc2 saves its input for the weight gradient
-                out, _ = self.fc2(a)
-        else:
+            keep_a = recompute_in_backward(a, lambda: gelu_tanh(kept))  # fc2 saves its input for the weight gradient
+        with keep_a:
             out, _ = self.fc2(a)
         return out.to(x.dtype)
 
