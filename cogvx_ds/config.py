@@ -143,6 +143,9 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 5
     ema_decay: float | None = None
     seed: int = 42
+    # [first, last] 1-based optimizer steps to trace with torch.profiler (cogvx_ds/train/profiling.py); null: off
+    profile_steps: list[int] | None = None
+    profile_ranks: list[int] | None = field(default_factory=lambda: [0])  # ranks that write a trace; null: all
 
 
 @dataclass
@@ -396,6 +399,16 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
              "must be two numbers in [0, 1)")
     if t.ema_decay is not None:
         _require(0 < t.ema_decay < 1, "train.ema_decay", t.ema_decay, "must be in (0, 1)")
+    if t.profile_steps is not None:
+        _require(len(t.profile_steps) == 2 and 1 <= t.profile_steps[0] <= t.profile_steps[1] <= t.max_steps,
+                 "train.profile_steps", t.profile_steps,
+                 f"must be [first, last] optimizer steps with 1 <= first <= last <= train.max_steps ({t.max_steps})")
+    if t.profile_ranks is not None:
+        _require(len(t.profile_ranks) > 0 and all(r >= 0 for r in t.profile_ranks), "train.profile_ranks",
+                 t.profile_ranks, "must be a non-empty list of global ranks (or null for every rank)")
+        if world_size is not None:
+            _require(all(r < world_size for r in t.profile_ranks), "train.profile_ranks", t.profile_ranks,
+                     f"ranks must be below the world size ({world_size} processes)")
     return cfg
 
 

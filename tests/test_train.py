@@ -161,6 +161,25 @@ def test_ema_weights_follow_the_decay(shards, tmp_path):
     assert max((slow[k] - init_w[k]).abs().max().item() for k in init_w) > 1e-4  # training did move the weights
 
 
+def test_profile_steps_write_a_trace_and_change_nothing(shards, tmp_path):
+    """train.profile_steps=[2,3]: rank 0 writes a Chrome/Perfetto trace with one range per step and the op table;
+    those steps are flagged in metrics.jsonl; losses are bit-identical to the run without the profiler."""
+    plain, traced = tmp_path / "plain", tmp_path / "traced"
+    train(*train_args(plain, shards, "train.max_steps=4", "train.save_every=100"))
+    proc = train(*train_args(traced, shards, "train.max_steps=4", "train.save_every=100", "train.profile_steps=[2,3]"))
+    folder = traced / "profile" / "steps_2-3"
+    assert f"profile of steps 2-3 written to {folder}" in proc.stderr + proc.stdout
+    events = json.loads((folder / "rank0.pt.trace.json").read_text())["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert {"train_step_2", "train_step_3"} <= names and "train_step_1" not in names and "train_step_4" not in names
+    assert any(n and n.startswith("aten::") for n in names)
+    ops = (folder / "rank0_ops.txt").read_text()
+    assert "steps 2-3, rank 0" in ops and ("mkldnn::_linear_pointwise" in ops or "aten::mm" in ops)
+    a, b = read_metrics(plain), read_metrics(traced)
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+    assert [m.get("profiled", 0) for m in b] == [0, 1, 1, 0] and all("profiled" not in m for m in a)
+
+
 def test_explicit_uniform_sampling_per_rank_and_global():
     T = 1000
     for dp, micro in ((1, 4), (2, 2), (3, 5), (8, 1), (7, 3)):

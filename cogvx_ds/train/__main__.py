@@ -4,7 +4,8 @@ Trains the expert transformer on pre-encoded latent shards. Launch with torchrun
 launcher; without a launcher it runs as one process. The config is validated before any process group starts.
 Run dir (train.run_dir): metrics.jsonl, sample_order.jsonl, tensorboard/, checkpoints/, config.yaml and, at the
 end, final_model/ (diffusers format). A run dir with checkpoints/latest resumes automatically. On SIGTERM or
-SIGUSR1 it writes a checkpoint and exits with code 75 (requeue).
+SIGUSR1 it writes a checkpoint and exits with code 75 (requeue). train.profile_steps=[first,last] writes a
+torch.profiler trace of those steps to <run_dir>/profile/ (cogvx_ds/train/profiling.py).
 """
 
 from __future__ import annotations

@@ -285,6 +285,10 @@ class Trainer:
         step = start_step
         from tqdm import tqdm
 
+        from cogvx_ds.train.profiling import StepProfiler
+
+        profiler = StepProfiler(t.profile_steps, t.profile_ranks, self.rank, self.run_dir, self.device)
+
         bar = tqdm(total=t.max_steps, initial=start_step, desc=f"train {t.stage}", disable=not self.is_main,
                    dynamic_ncols=True, mininterval=2.0)
         try:
@@ -294,6 +298,7 @@ class Trainer:
                 timesteps = torch.zeros(self.global_batch)
                 tokens = 0
                 batch, bad_loss = None, None
+                profiler.begin(step + 1)
                 for micro in range(t.gradient_accumulation_steps):
                     batch = loader.next()
                     loss, share, ts = self.micro_step(batch, step, micro)
@@ -326,6 +331,7 @@ class Trainer:
                 losses, timesteps = losses / tp, timesteps / (tp * state.sp_size())
                 step += 1
                 dt = time.time() - t0
+                self._report_profile(profiler.end(step))
                 sums, counts = bucket_loss_sums(losses, timesteps.long(), self.schedule.num_train_timesteps,
                                                 LOSS_BUCKETS)
                 logger.log(step, {
@@ -333,7 +339,7 @@ class Trainer:
                     "grad_norm": _to_float(self.engine.get_global_grad_norm()),
                     "samples_per_s": self.global_batch / dt, "tokens_per_s": tokens * state.dp_size() / dt,
                     "nonfinite_skipped": self.nonfinite_total, "bad_shards": len(self.plan.bad_shards),
-                    "data_position": loader.position,
+                    "data_position": loader.position, **({"profiled": 1} if profiler.profiling(step) else {}),
                     **bucket_losses(sums, counts, self.schedule.num_train_timesteps), **_memory(),
                 }, sample_order={"keys": batch["global_keys"], "kind": "image" if batch["mean"].shape[2] == 1
                                  else "video"})
@@ -354,6 +360,7 @@ class Trainer:
                 with self.ema.swapped_in():
                     self.model.save_diffusers(self.run_dir / "final_model_ema")
         finally:
+            self._report_profile(profiler.close(step))
             bar.close()
             loader.close()
         logger.close()
@@ -375,6 +382,13 @@ class Trainer:
                 f"step {step + 1}, {what}, bucket {batch['meta'][0].get('bucket')}, samples {batch['keys']}")
 
     # ---------------------------------------------------------------------------------------------- checkpoints
+    def _report_profile(self, folder: Path | None) -> None:
+        if folder is not None:
+            from tqdm import tqdm
+
+            tqdm.write(f"rank {self.rank}: profile of {folder.name.replace('_', ' ')} written to {folder} "
+                       "(open the .pt.trace.json in https://ui.perfetto.dev)")
+
     def save(self, step: int, position: int) -> None:
         tag = f"step{step:08d}"
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False)
