@@ -178,6 +178,19 @@ def test_profile_steps_write_a_trace_and_change_nothing(shards, tmp_path):
     a, b = read_metrics(plain), read_metrics(traced)
     assert [m["loss"] for m in a] == [m["loss"] for m in b]
     assert [m.get("profiled", 0) for m in b] == [0, 1, 1, 0] and all("profiled" not in m for m in a)
+    assert all(0 <= m["data_wait_s"] <= 2 / m["samples_per_s"] for m in a)
+
+
+def test_data_wait_shows_a_slow_loader(shards, tmp_path):
+    """metrics.jsonl's data_wait_s is the time a step stood waiting for the loader: with reads slowed to 0.5 s a
+    sample (1 s for the 2-sample step, several times the tiny model's compute) most of each step is waiting."""
+    env = dict(ENV, COGVX_FAULT_LOAD_DELAY_S="0.5")
+    train(*train_args(tmp_path, shards, "train.max_steps=3", "train.save_every=100", "data.prefetch=1"), env=env)
+    metrics = read_metrics(tmp_path)
+    for m in metrics:
+        step_s = 2 / m["samples_per_s"]
+        assert 0 <= m["data_wait_s"] <= step_s
+    assert all(m["data_wait_s"] >= 0.3 for m in metrics[1:]), [m["data_wait_s"] for m in metrics]
 
 
 def test_explicit_uniform_sampling_per_rank_and_global():

@@ -11,10 +11,12 @@ many ranks share it: DP=1 with batch 4 sees the same samples as DP=2 with batch 
 from __future__ import annotations
 
 import json
+import os
 import queue
 import struct
 import tarfile
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,6 +171,8 @@ class RankLoader:
             raise ValueError("plan.global_batch must equal dp_size x micro_batch x grad_accum")
         self.position = start_position  # global batches fully handed out
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        # test hook: a slow file system (seconds per sample read), to see it in the trainer's data_wait_s
+        self._delay = float(os.environ.get("COGVX_FAULT_LOAD_DELAY_S", 0))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, args=(start_position,), daemon=True)
         self._thread.start()
@@ -181,6 +185,8 @@ class RankLoader:
                 mine = refs[self.dp_rank * block:(self.dp_rank + 1) * block]
                 for m in range(self.accum):
                     chunk = mine[m * self.micro:(m + 1) * self.micro]
+                    if self._delay:
+                        time.sleep(self._delay * len(chunk))
                     item = {"position": position, "micro_step": m, "first_index": self.dp_rank * block + m * self.micro,
                             "global_keys": [r.key for r in refs], **collate([load_sample(r) for r in chunk])}
                     while not self._stop.is_set():

@@ -299,8 +299,11 @@ class Trainer:
                 tokens = 0
                 batch, bad_loss = None, None
                 profiler.begin(step + 1)
+                data_wait = 0.0  # time this rank's step stood waiting for the loader (it should stay near 0)
                 for micro in range(t.gradient_accumulation_steps):
+                    w0 = time.time()
                     batch = loader.next()
+                    data_wait += time.time() - w0
                     loss, share, ts = self.micro_step(batch, step, micro)
                     j = batch["first_index"]
                     losses[j:j + len(share)] = share.cpu()
@@ -339,7 +342,7 @@ class Trainer:
                     "grad_norm": _to_float(self.engine.get_global_grad_norm()),
                     "samples_per_s": self.global_batch / dt, "tokens_per_s": tokens * state.dp_size() / dt,
                     "nonfinite_skipped": self.nonfinite_total, "bad_shards": len(self.plan.bad_shards),
-                    "data_position": loader.position, **({"profiled": 1} if profiler.profiling(step) else {}),
+                    "data_position": loader.position, "data_wait_s": data_wait, **({"profiled": 1} if profiler.profiling(step) else {}),
                     **bucket_losses(sums, counts, self.schedule.num_train_timesteps), **_memory(),
                 }, sample_order={"keys": batch["global_keys"], "kind": "image" if batch["mean"].shape[2] == 1
                                  else "video"})
