@@ -336,3 +336,22 @@ def test_resume_under_another_layout_fails_early_and_names_it(shards, tmp_path):
     train(*train_args(stage1, shards, "train.zero_stage=1", "train.max_steps=2"))
     train(*train_args(stage1, shards, "train.zero_stage=2", "train.max_steps=3"))
     assert [m["step"] for m in read_metrics(stage1)] == [1, 2, 3]
+
+
+def test_host_metrics_reduce_through_the_gpu_under_nccl(monkeypatch):
+    """NCCL reduces device memory only: the trainer's per-step metrics and flags (host tensors) go through this
+    rank's GPU there, and stay on the CPU under gloo."""
+    import torch.distributed as dist
+
+    from cogvx_ds.parallel import state
+
+    calls = []
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None: calls.append((t.device.type, op)) or t.mul_(2))
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    t = torch.ones(3)
+    assert state.host_tensor_device() == torch.device("cpu")
+    assert state.all_reduce_host(t, op=dist.ReduceOp.MAX) is t and t.tolist() == [2.0] * 3
+    assert calls == [("cpu", dist.ReduceOp.MAX)]
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert state.host_tensor_device() == torch.device("cuda", 3)

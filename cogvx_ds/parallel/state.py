@@ -88,6 +88,27 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
+def host_tensor_device() -> torch.device:
+    """Where a small host tensor (a metric, a flag) must be for a collective on the default group: this rank's GPU
+    under NCCL, which reduces device memory only ("No backend type associated with device type cpu"), else the
+    CPU (gloo)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_host(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """all_reduce of a host tensor over the default group, through this rank's GPU under NCCL; returns the reduced
+    tensor on the host (t itself on gloo)."""
+    device = host_tensor_device()
+    if device.type == "cpu":
+        dist.all_reduce(t, op=op)
+        return t
+    on_device = t.to(device)
+    dist.all_reduce(on_device, op=op)
+    return on_device.cpu()
+
+
 def tp_group():
     return ps.get_tensor_model_parallel_group() if is_initialized() else None
 

@@ -329,8 +329,7 @@ class Trainer:
                 else:
                     self._count_nonfinite(step, bad_loss, batch)
                 # loss shares summed over SP (and replicated over TP) -> per-sample losses of the global batch
-                dist.all_reduce(losses)
-                dist.all_reduce(timesteps)
+                losses, timesteps = state.all_reduce_host(losses), state.all_reduce_host(timesteps)
                 losses, timesteps = losses / tp, timesteps / (tp * state.sp_size())
                 step += 1
                 dt = time.time() - t0
@@ -376,7 +375,7 @@ class Trainer:
         if self.nonfinite_in_a_row >= self.cfg.train.max_consecutive_nonfinite:
             loss, batch = bad_loss if bad_loss is not None else (None, batch)
             any_bad = torch.tensor([float(loss is not None)])
-            dist.all_reduce(any_bad, op=dist.ReduceOp.MAX)  # every rank gets here: the skip is collective
+            any_bad = state.all_reduce_host(any_bad, op=dist.ReduceOp.MAX)  # every rank gets here: the skip is collective
             what = (f"rank {self.rank} (local loss {loss.item()})" if loss is not None else
                     f"rank {self.rank} (finite loss; a non-finite loss on another rank)" if any_bad.item() else
                     f"rank {self.rank} (finite losses everywhere, non-finite gradient)")
@@ -476,7 +475,7 @@ class Trainer:
         if self.is_main and not self.stop_signal and (self.run_dir / STOP_FILE).exists():
             self.stop_signal = f"{STOP_FILE} file"  # written by launch/*.sbatch when slurm signals preemption
         flag = torch.tensor([1.0 if self.stop_signal else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # all ranks stop at the same step
+        flag = state.all_reduce_host(flag, op=dist.ReduceOp.MAX)  # all ranks stop at the same step
         if flag.item() and not self.stop_signal:
             self.stop_signal = "a peer's signal"
         return bool(flag.item())
