@@ -355,3 +355,19 @@ def test_host_metrics_reduce_through_the_gpu_under_nccl(monkeypatch):
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     assert state.host_tensor_device() == torch.device("cuda", 3)
+
+
+def test_ema_resumes_onto_the_parameters_device(tmp_path):
+    """A resumed EMA is loaded from the host file onto the device its parameters live on (here 'meta', standing in
+    for a GPU, which this machine lacks): before, it stayed on the host and the next update failed with a device
+    mismatch. A file from another layout (other shard shapes) is refused by name."""
+    from cogvx_ds.train.ema import EMA
+
+    src = EMA(torch.nn.Linear(4, 3), decay=0.9)
+    src.save(tmp_path / "ema.safetensors")
+    on_device = EMA(torch.nn.Linear(4, 3, device="meta"), decay=0.9)
+    on_device.load(tmp_path / "ema.safetensors")
+    assert {t.device.type for t in on_device.shadow.values()} == {"meta"}
+    on_device.update()  # same device: no mismatch
+    with pytest.raises(ValueError, match="weight has shape"):
+        EMA(torch.nn.Linear(5, 3), decay=0.9).load(tmp_path / "ema.safetensors")

@@ -49,4 +49,8 @@ class EMA:
         loaded = load_file(str(path))
         if loaded.keys() != self.shadow.keys():
             raise ValueError(f"{path}: EMA parameters do not match the model")
-        self.shadow = loaded
+        for n, t in loaded.items():  # onto the device the shadow lives on (the parameters' GPU), not the host
+            if t.shape != self.shadow[n].shape:
+                raise ValueError(f"{path}: EMA tensor {n} has shape {tuple(t.shape)}, the model's shard "
+                                 f"{tuple(self.shadow[n].shape)} (another parallel layout?)")
+            self.shadow[n] = t.to(device=self.shadow[n].device, dtype=torch.float32)
