@@ -20,7 +20,7 @@ from data_tools._video_io import write_mp4
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:
     """[3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
-    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 
 
 def decode_shards(shards: list[Path], vae, out: Path, num: int | None = None, keys: set[str] | None = None,

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,7 +110,9 @@ def init_distributed() -> None:
     if dist.is_initialized():
         return
     single_process_env()
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # before NCCL: one GPU per process
+    else:
         from cogvx_ds.parallel.state import skip_deepspeed_cpu_shm_kernel
 
         skip_deepspeed_cpu_shm_kernel()
@@ -151,7 +154,10 @@ class VAETrainer:
             model=vae, optimizer=torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=cfg.betas), config=ds)
         self.disc, _, _, _ = deepspeed.initialize(
             model=disc, optimizer=torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=cfg.betas), config=ds)
+        self.device = self.vae.device  # the engine's: this rank's GPU, or the CPU
         self.lpips = self._load_lpips()
+        if self.lpips is not None:
+            self.lpips.to(self.device)
         self.stream = self._stream(cfg.seed, rank=self.rank, world=self.world)
         self.step = 0
         self.writer = None
@@ -174,7 +180,7 @@ class VAETrainer:
     def train_step(self) -> dict:
         cfg = self.cfg
         torch.manual_seed(cfg.seed * 1_000_003 + self.step)
-        x = self.stream.next_batch()
+        x = self.stream.next_batch().to(self.device)  # clips are made on the host
         recon, posterior = self.vae(x, sample_posterior=cfg.sample_posterior)
         kl = posterior.kl().mean()
         disc = self.disc.module
@@ -272,7 +278,7 @@ class VAETrainer:
         """Write a diffusers-format VAE; scaling_factor = 1 / std of posterior means on a few training clips."""
         vae: CogVideoXVAE = self.vae.module
         stream = self._stream(self.cfg.seed + 1)
-        means = torch.cat([vae.encode(stream.next_batch())[0].flatten() for _ in range(batches)])
+        means = torch.cat([vae.encode(stream.next_batch().to(self.device))[0].flatten() for _ in range(batches)])
         vae.config.scaling_factor = float(1.0 / means.std().clamp_min(1e-6))
         vae.save_diffusers(path)
         log.info("exported diffusers VAE to %s (scaling_factor %.4f)", path, vae.config.scaling_factor)
@@ -280,7 +286,7 @@ class VAETrainer:
     def _log_video(self) -> None:
         x, recon = self._last_batch
         frames = torch.cat([x[0], recon[0].clamp(-1, 1)], dim=2)  # input above reconstruction: [3, T, 2H, W]
-        frames = ((frames + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+        frames = ((frames.float() + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
         self.writer.file_writer.add_summary(_gif_summary("vae/input_vs_recon", frames), self.step)
 
 
