@@ -6,35 +6,61 @@
 # peak memory with and without model.recompute_gelu.
 #
 #   here:   bash benchmarks/gpu_mfu.sh prepare
-#           wheels of what the device image lacks (diffusers, megatron-core; Python 3.12) -> .whl/ (git-ignored)
-#   there:  device run, carry [".whl"], command "bash benchmarks/gpu_mfu.sh run"
-#           -> tables on stdout, $OUT/dit_step_{2b,5b}.json
+#           wheels of what the device image lacks (Python 3.12: diffusers, megatron-core, DeepSpeed built here as a
+#           pure-Python wheel, and DeepSpeed's and webdataset's own dependencies) -> .whl/ (git-ignored)
+#   there:  device run, carry [".whl"], command "bash benchmarks/gpu_mfu.sh all" (smoke, then run; about 8 min)
+#     run:   tables on stdout, $OUT/dit_step_{2b,5b}.json
+#     smoke: the training code paths that only a GPU takes, in a few minutes: the tiny DiT trained on NCCL in bf16
+#            with EMA and a profiled window, then resumed (the host-tensor all_reduces, EMA onto the GPU, the CUDA
+#            trace), and the VAE trainer with its export (batches and LPIPS on the engine's device) -> $OUT/smoke.log
 # LAYERS (default 4), REPS (default 5) and SPEC_TFLOPS (default 989) override the sizes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
 prepare)
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
-  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  py=.venv/bin/python  # the project's venv (make venv): it holds torch and DeepSpeed, which the wheel build needs
+  $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-      -d .whl diffusers==0.42.1 megatron-core==0.16.1
+      -d .whl diffusers==0.42.1 megatron-core==0.16.1 hjson pydantic pydantic-core annotated-types \
+      typing-inspection webdataset braceexpand
+  # DeepSpeed publishes a source archive only: build it here (no compiled ops: ZeRO with torch's AdamW needs none)
+  $py -m pip wheel -q --no-deps --no-build-isolation "deepspeed==$($py -m pip show deepspeed | sed -n 's/^Version: //p')" -w .whl
   ls -l .whl
   ;;
-run)
+run|smoke|all)
   ls .whl/*.whl >/dev/null || { echo "no .whl/: run 'bash benchmarks/gpu_mfu.sh prepare' here and carry .whl" >&2; exit 2; }
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
   export COGVX_BENCH_RESULTS="${OUT:-/tmp/bench}"
   mkdir -p "$COGVX_BENCH_RESULTS"
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
-  for preset in 2b 5b; do
-    python3 benchmarks/dit_step.py --device cuda --preset "$preset" --layers "${LAYERS:-4}" --reps "${REPS:-5}" \
-        --spec-tflops "${SPEC_TFLOPS:-989}" --recompute-gelu
-    mv "$COGVX_BENCH_RESULTS/dit_step.json" "$COGVX_BENCH_RESULTS/dit_step_$preset.json"
-  done
+  if [ "$1" != run ]; then
+    (
+      set -x
+      s=/tmp/smoke; rm -rf $s
+      python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'tests'); from train_helpers import make_shards; make_shards(Path('$s/shards'), n_video=8, n_image=4)"
+      common=(--config tiny parallel.backend=auto train.precision=bf16 "data.shards=[$s/shards]" train.run_dir=$s/dit
+              train.save_every=2 train.ema_decay=0.9)
+      python3 -m cogvx_ds.train "${common[@]}" train.max_steps=4 "train.profile_steps=[2,3]"
+      python3 -m cogvx_ds.train "${common[@]}" train.max_steps=6          # resumes from step 4 (EMA included)
+      ls -l $s/dit/profile/steps_2-3 $s/dit/final_model_ema; tail -n 2 $s/dit/metrics.jsonl
+      python3 -m cogvx_ds.train_vae --run-dir $s/vae --steps 3 ckpt_every=2
+      ls -l $s/vae/export
+      echo "SMOKE OK"
+    ) 2>&1 | tee "$COGVX_BENCH_RESULTS/smoke.log" || true
+    grep -q "SMOKE OK" "$COGVX_BENCH_RESULTS/smoke.log" || echo "SMOKE FAILED (see smoke.log)"
+  fi
+  if [ "$1" != smoke ]; then
+    for preset in 2b 5b; do
+      python3 benchmarks/dit_step.py --device cuda --preset "$preset" --layers "${LAYERS:-4}" --reps "${REPS:-5}" \
+          --spec-tflops "${SPEC_TFLOPS:-989}" --recompute-gelu
+      mv "$COGVX_BENCH_RESULTS/dit_step.json" "$COGVX_BENCH_RESULTS/dit_step_$preset.json"
+    done
+  fi
   ;;
 *)
-  echo "usage: bash benchmarks/gpu_mfu.sh prepare|run" >&2
+  echo "usage: bash benchmarks/gpu_mfu.sh prepare|run|smoke|all" >&2
   exit 2
   ;;
 esac
