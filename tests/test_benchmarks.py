@@ -78,3 +78,19 @@ def test_attention_benchmark_times_both_kernels_and_reports_the_route(tmp_path, 
     assert all(r["auto"] == "tiled" for r in rows if r["dtype"] == "bf16")
     with pytest.raises(SystemExit):
         attention.main(["--shapes", "1x600x2"])
+
+
+def test_gpu_smoke_commands_run_on_the_cpu(tmp_path):
+    """The smoke part of benchmarks/gpu_mfu.sh (for a lent GPU) runs here as written, on gloo and the CPU, so a
+    GPU session does not spend its device minutes on a stale command."""
+    import os
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    script = (repo / "benchmarks" / "gpu_mfu.sh").read_text()
+    body = script.split("\n    (\n", 1)[1].split("\n    ) 2>&1", 1)[0].replace("s=/tmp/smoke", f"s={tmp_path}/smoke")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="2")
+    proc = subprocess.run(["bash", "-e", "-c", body], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "SMOKE OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert (tmp_path / "smoke" / "dit" / "profile" / "steps_2-3" / "rank0.pt.trace.json").is_file()
+    assert (tmp_path / "smoke" / "vae" / "export" / "config.json").is_file()
