@@ -12,7 +12,8 @@
 #     run:   tables on stdout, $OUT/dit_step_{2b,5b}.json
 #     smoke: the training code paths that only a GPU takes, in a few minutes: the tiny DiT trained on NCCL in bf16
 #            with EMA and a profiled window, then resumed (the host-tensor all_reduces, EMA onto the GPU, the CUDA
-#            trace), and the VAE trainer with its export (batches and LPIPS on the engine's device) -> $OUT/smoke.log
+#            trace), the VAE trainer with its export (batches and LPIPS on the engine's device), and sampling with
+#            everything on the GPU (cogvx_ds.sample --device) -> $OUT/smoke.log
 # LAYERS (default 4), REPS (default 5) and SPEC_TFLOPS (default 989) override the sizes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,8 +46,16 @@ run|smoke|all)
       python3 -m cogvx_ds.train "${common[@]}" train.max_steps=4 "train.profile_steps=[2,3]"
       python3 -m cogvx_ds.train "${common[@]}" train.max_steps=6          # resumes from step 4 (EMA included)
       ls -l $s/dit/profile/steps_2-3 $s/dit/final_model_ema; tail -n 2 $s/dit/metrics.jsonl
-      python3 -m cogvx_ds.train_vae --run-dir $s/vae --steps 3 ckpt_every=2
+      python3 -m cogvx_ds.train_vae --run-dir $s/vae --steps 3 ckpt_every=2 model.latent_channels=4
       ls -l $s/vae/export
+      python3 -c "from cogvx_ds.models.text_encoder import build_tiny_t5; build_tiny_t5('$s/t5', d_model=32)"
+      python3 -c "
+import torch; from cogvx_ds.sample import load_components, generate
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dit, vae, enc = load_components('$s/dit', '$s/vae/export', '$s/t5', torch.bfloat16, device)
+v = generate(dit, vae, enc, ['a red circle', 'a blue square'], frames=9, height=64, width=64, steps=3, progress=False)
+assert v.shape == (2, 3, 9, 64, 64) and v.device.type == device and torch.isfinite(v).all(), (v.shape, v.device)
+print('sampled', tuple(v.shape), 'on', v.device)"
       echo "SMOKE OK"
     ) 2>&1 | tee "$COGVX_BENCH_RESULTS/smoke.log" || true
     grep -q "SMOKE OK" "$COGVX_BENCH_RESULTS/smoke.log" || echo "SMOKE FAILED (see smoke.log)"

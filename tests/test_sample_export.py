@@ -124,7 +124,7 @@ def test_sample_cli_writes_videos(run_dir, tmp_path):
                     f"--vae={run_dir / 'vae'}", f"--text-encoder={run_dir / 't5'}",
                     f"--prompts-file={tmp_path / 'prompts.txt'}", "--prompt=a yellow triangle", f"--out={tmp_path / 's'}",
                     f"--frames={FRAMES}", f"--height={HEIGHT}", f"--width={WIDTH}", "--steps=2", "--sampler=dpm++",
-                    "--guidance=2", "--batch-size=2"], check=True, capture_output=True)
+                    "--guidance=2", "--batch-size=2", "--device=cpu"], check=True, capture_output=True)
     records = json.loads((tmp_path / "s" / "samples.json").read_text())
     assert [r["prompt"] for r in records] == ["a yellow triangle", "a blue square moving up", "a green circle"]
     from data_tools._video_io import read_video
@@ -150,6 +150,24 @@ def test_export_from_a_zero3_checkpoint_equals_final_model(run_dir, tmp_path):
 
     a, b = LazySafetensors(run / "final_model"), LazySafetensors(tmp_path / "pipe" / "transformer")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sampling_components_load_onto_the_chosen_device(run_dir):
+    """--device: transformer, VAE and text encoder all on it ('meta' stands in for a GPU here), the text encoder in
+    bfloat16 only on CUDA; asking for CUDA where PyTorch sees none is a clear error, not a traceback."""
+    from cogvx_ds.sample import load_components
+
+    dit, vae, encoder = load_components(str(run_dir / "run"), str(run_dir / "vae"), str(run_dir / "t5"),
+                                        device="meta")
+    assert {p.device.type for m in (dit, vae, encoder.model) for p in m.parameters()} == {"meta"}
+    assert encoder.model.dtype == torch.float32
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, "-m", "cogvx_ds.sample", f"--model={run_dir / 'run'}", "--prompt=x",
+                               "--device=cuda"], capture_output=True, text=True)
+        assert proc.returncode == 2 and "--device cuda: this PyTorch sees no CUDA device" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "cogvx_ds.sample", f"--model={run_dir / 'run'}", "--prompt=x",
+                           "--device=tpu"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--device must be cpu, cuda or cuda:N" in proc.stderr
 
 
 def test_sample_cli_wrong_model_path_is_a_clear_error(tmp_path):
