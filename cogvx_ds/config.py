@@ -146,6 +146,8 @@ class TrainConfig:
     # [first, last] 1-based optimizer steps to trace with torch.profiler (cogvx_ds/train/profiling.py); null: off
     profile_steps: list[int] | None = None
     profile_ranks: list[int] | None = field(default_factory=lambda: [0])  # ranks that write a trace; null: all
+    # the accelerator's dense peak in the training dtype (e.g. 989 for H100/H200 bf16): metrics then log mfu
+    peak_tflops: float | None = None
 
 
 @dataclass
@@ -399,6 +401,8 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
              "must be two numbers in [0, 1)")
     if t.ema_decay is not None:
         _require(0 < t.ema_decay < 1, "train.ema_decay", t.ema_decay, "must be in (0, 1)")
+    if t.peak_tflops is not None:
+        _require(t.peak_tflops > 0, "train.peak_tflops", t.peak_tflops, "must be positive (TFLOP/s per GPU), or null")
     if t.profile_steps is not None:
         _require(len(t.profile_steps) == 2 and 1 <= t.profile_steps[0] <= t.profile_steps[1] <= t.max_steps,
                  "train.profile_steps", t.profile_steps,

@@ -77,6 +77,7 @@ RULES = [
     (["train.ema_decay=1.0"], None, "train.ema_decay = 1.0"),
     (["model.out_channels=8"], None, "model.out_channels = 8: must equal model.in_channels"),
     (["parallel.backend=mpi"], None, "parallel.backend = 'mpi'"),
+    (["train.peak_tflops=0"], None, "train.peak_tflops = 0.0: must be positive"),
     (["train.profile_steps=[3,2]"], None, "train.profile_steps = [3, 2]: must be [first, last]"),
     (["train.profile_steps=[5]"], None, "train.profile_steps = [5]"),
     (["train.max_steps=10", "train.profile_steps=[5,11]"], None, "<= train.max_steps (10)"),

@@ -166,7 +166,8 @@ def test_profile_steps_write_a_trace_and_change_nothing(shards, tmp_path):
     those steps are flagged in metrics.jsonl; losses are bit-identical to the run without the profiler."""
     plain, traced = tmp_path / "plain", tmp_path / "traced"
     train(*train_args(plain, shards, "train.max_steps=4", "train.save_every=100"))
-    proc = train(*train_args(traced, shards, "train.max_steps=4", "train.save_every=100", "train.profile_steps=[2,3]"))
+    proc = train(*train_args(traced, shards, "train.max_steps=4", "train.save_every=100", "train.profile_steps=[2,3]",
+                             "train.peak_tflops=0.001"))
     folder = traced / "profile" / "steps_2-3"
     assert f"profile of steps 2-3 written to {folder}" in proc.stderr + proc.stdout
     events = json.loads((folder / "rank0.pt.trace.json").read_text())["traceEvents"]
@@ -179,6 +180,19 @@ def test_profile_steps_write_a_trace_and_change_nothing(shards, tmp_path):
     assert [m["loss"] for m in a] == [m["loss"] for m in b]
     assert [m.get("profiled", 0) for m in b] == [0, 1, 1, 0] and all("profiled" not in m for m in a)
     assert all(0 <= m["data_wait_s"] <= 2 / m["samples_per_s"] for m in a)
+    # model TFLOP/s per GPU from perf_model's FLOPs of the step's samples (one process: 2 samples a step, both of
+    # the batch's kind), and the MFU against train.peak_tflops
+    from cogvx_ds.config import load_config
+    from cogvx_ds.perf_model import flops_per_sample
+
+    model = load_config("tiny").model
+    kinds = [json.loads(line)["kind"] for line in (plain / "sample_order.jsonl").read_text().splitlines()]
+    assert set(kinds) == {"image", "video"}  # the shards mix both: two token counts
+    for m, kind in zip(a, kinds):
+        n_video = (3 if kind == "video" else 1) * 4 * 4  # latent frames x (8 / patch 2)^2
+        want = flops_per_sample(model, model.max_text_seq_length, n_video)["total"] * m["samples_per_s"] / 1e12
+        assert m["tflops_per_gpu"] == pytest.approx(want, rel=1e-9) and "mfu" not in m
+    assert all(m["mfu"] == pytest.approx(m["tflops_per_gpu"] / 0.001, rel=1e-12) for m in b)
 
 
 def test_data_wait_shows_a_slow_loader(shards, tmp_path):

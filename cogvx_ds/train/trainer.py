@@ -296,7 +296,7 @@ class Trainer:
                 t0 = time.time()
                 losses = torch.zeros(self.global_batch)
                 timesteps = torch.zeros(self.global_batch)
-                tokens = 0
+                tokens, flops = 0, 0.0
                 batch, bad_loss = None, None
                 profiler.begin(step + 1)
                 data_wait = 0.0  # time this rank's step stood waiting for the loader (it should stay near 0)
@@ -318,7 +318,9 @@ class Trainer:
                     self.engine.backward(loss)
                     self.engine.step()
                     f, h, w = batch["mean"].shape[2:]
-                    tokens += len(share) * f * (h // self.cfg.model.patch_size) * (w // self.cfg.model.patch_size)
+                    n_video = f * (h // self.cfg.model.patch_size) * (w // self.cfg.model.patch_size)
+                    tokens += len(share) * n_video
+                    flops += len(share) * self._model_flops(n_video)
                 if self.engine.was_step_applied():
                     self.nonfinite_in_a_row = 0
                     if bad_loss is not None:
@@ -340,6 +342,7 @@ class Trainer:
                     "loss": losses.mean().item(), "lr": lr,
                     "grad_norm": _to_float(self.engine.get_global_grad_norm()),
                     "samples_per_s": self.global_batch / dt, "tokens_per_s": tokens * state.dp_size() / dt,
+                    **self._throughput(flops * state.dp_size() / self.world / dt),
                     "nonfinite_skipped": self.nonfinite_total, "bad_shards": len(self.plan.bad_shards),
                     "data_position": loader.position, "data_wait_s": data_wait, **({"profiled": 1} if profiler.profiling(step) else {}),
                     **bucket_losses(sums, counts, self.schedule.num_train_timesteps), **_memory(),
@@ -384,6 +387,21 @@ class Trainer:
                 f"step {step + 1}, {what}, bucket {batch['meta'][0].get('bucket')}, samples {batch['keys']}")
 
     # ---------------------------------------------------------------------------------------------- checkpoints
+    def _model_flops(self, n_video: int) -> float:
+        """Model FLOPs (matmuls, forward + backward; activation recomputation not counted, as MFU has it) of one
+        sample with n_video video tokens (cogvx_ds.perf_model)."""
+        from cogvx_ds.perf_model import flops_per_sample
+
+        m = self.cfg.model
+        return float(flops_per_sample(m, m.max_text_seq_length, n_video)["total"])
+
+    def _throughput(self, flops_per_gpu_s: float) -> dict:
+        """tflops_per_gpu, and mfu against train.peak_tflops when given."""
+        out = {"tflops_per_gpu": flops_per_gpu_s / 1e12}
+        if self.cfg.train.peak_tflops:
+            out["mfu"] = out["tflops_per_gpu"] / self.cfg.train.peak_tflops
+        return out
+
     def _report_profile(self, folder: Path | None) -> None:
         if folder is not None:
             from tqdm import tqdm
