@@ -42,7 +42,7 @@ run|smoke|all)
       s=/tmp/smoke; rm -rf $s
       python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'tests'); from train_helpers import make_shards; make_shards(Path('$s/shards'), n_video=8, n_image=4)"
       common=(--config tiny parallel.backend=auto train.precision=bf16 "data.shards=[$s/shards]" train.run_dir=$s/dit
-              train.save_every=2 train.ema_decay=0.9)
+              train.save_every=2 train.ema_decay=0.9 train.peak_tflops=989)
       python3 -m cogvx_ds.train "${common[@]}" train.max_steps=4 "train.profile_steps=[2,3]"
       python3 -m cogvx_ds.train "${common[@]}" train.max_steps=6          # resumes from step 4 (EMA included)
       ls -l $s/dit/profile/steps_2-3 $s/dit/final_model_ema; tail -n 2 $s/dit/metrics.jsonl
