@@ -53,19 +53,20 @@ class StepProfiler:
 
     def end(self, step: int) -> Path | None:
         """After 1-based step `step`; after the window's last step, writes the trace and returns its folder."""
-        if self._range is not None:
-            self._range.__exit__(None, None, None)
-            self._range = None
+        self._end_range()
         if self._prof is None or step < self.window[1]:
             return None
         return self._write(step)
 
     def close(self, step: int) -> Path | None:
         """The run ends inside the window (a stop signal, an error): write what was recorded up to `step`."""
+        self._end_range()
+        return self._write(step) if self._prof is not None else None
+
+    def _end_range(self) -> None:
         if self._range is not None:
             self._range.__exit__(None, None, None)
             self._range = None
-        return self._write(step) if self._prof is not None else None
 
     def _write(self, last: int) -> Path:
         prof, self._prof = self._prof, None

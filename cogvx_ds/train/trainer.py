@@ -266,6 +266,28 @@ class Trainer:
         return loss, share.detach(), t
 
     # ---------------------------------------------------------------------------------------------- loop
+    def _model_flops(self, n_video: int) -> float:
+        """Model FLOPs (matmuls, forward + backward; activation recomputation not counted, as MFU has it) of one
+        sample with n_video video tokens (cogvx_ds.perf_model)."""
+        from cogvx_ds.perf_model import flops_per_sample
+
+        m = self.cfg.model
+        return float(flops_per_sample(m, m.max_text_seq_length, n_video)["total"])
+
+    def _throughput(self, flops_per_gpu_s: float) -> dict:
+        """tflops_per_gpu, and mfu against train.peak_tflops when given."""
+        out = {"tflops_per_gpu": flops_per_gpu_s / 1e12}
+        if self.cfg.train.peak_tflops:
+            out["mfu"] = out["tflops_per_gpu"] / self.cfg.train.peak_tflops
+        return out
+
+    def _report_profile(self, folder: Path | None) -> None:
+        if folder is not None:
+            from tqdm import tqdm
+
+            tqdm.write(f"rank {self.rank}: profile of {folder.name.replace('_', ' ')} written to {folder} "
+                       "(open the .pt.trace.json in https://ui.perfetto.dev)")
+
     def run(self) -> int:
         cfg, t = self.cfg, self.cfg.train
         start_step, position = self._resume()
@@ -344,7 +366,8 @@ class Trainer:
                     "samples_per_s": self.global_batch / dt, "tokens_per_s": tokens * state.dp_size() / dt,
                     **self._throughput(flops * state.dp_size() / self.world / dt),
                     "nonfinite_skipped": self.nonfinite_total, "bad_shards": len(self.plan.bad_shards),
-                    "data_position": loader.position, "data_wait_s": data_wait, **({"profiled": 1} if profiler.profiling(step) else {}),
+                    "data_position": loader.position, "data_wait_s": data_wait,
+                    **({"profiled": 1} if profiler.profiling(step) else {}),
                     **bucket_losses(sums, counts, self.schedule.num_train_timesteps), **_memory(),
                 }, sample_order={"keys": batch["global_keys"], "kind": "image" if batch["mean"].shape[2] == 1
                                  else "video"})
@@ -365,7 +388,10 @@ class Trainer:
                 with self.ema.swapped_in():
                     self.model.save_diffusers(self.run_dir / "final_model_ema")
         finally:
-            self._report_profile(profiler.close(step))
+            try:  # a run stopped inside the window keeps what was traced; never mask the error that stopped it
+                self._report_profile(profiler.close(step))
+            except Exception as e:
+                print(f"rank {self.rank}: could not write the profile: {e}", file=sys.stderr, flush=True)
             bar.close()
             loader.close()
         logger.close()
@@ -378,7 +404,8 @@ class Trainer:
         if self.nonfinite_in_a_row >= self.cfg.train.max_consecutive_nonfinite:
             loss, batch = bad_loss if bad_loss is not None else (None, batch)
             any_bad = torch.tensor([float(loss is not None)])
-            any_bad = state.all_reduce_host(any_bad, op=dist.ReduceOp.MAX)  # every rank gets here: the skip is collective
+            # every rank gets here: the skip is collective
+            any_bad = state.all_reduce_host(any_bad, op=dist.ReduceOp.MAX)
             what = (f"rank {self.rank} (local loss {loss.item()})" if loss is not None else
                     f"rank {self.rank} (finite loss; a non-finite loss on another rank)" if any_bad.item() else
                     f"rank {self.rank} (finite losses everywhere, non-finite gradient)")
@@ -387,28 +414,6 @@ class Trainer:
                 f"step {step + 1}, {what}, bucket {batch['meta'][0].get('bucket')}, samples {batch['keys']}")
 
     # ---------------------------------------------------------------------------------------------- checkpoints
-    def _model_flops(self, n_video: int) -> float:
-        """Model FLOPs (matmuls, forward + backward; activation recomputation not counted, as MFU has it) of one
-        sample with n_video video tokens (cogvx_ds.perf_model)."""
-        from cogvx_ds.perf_model import flops_per_sample
-
-        m = self.cfg.model
-        return float(flops_per_sample(m, m.max_text_seq_length, n_video)["total"])
-
-    def _throughput(self, flops_per_gpu_s: float) -> dict:
-        """tflops_per_gpu, and mfu against train.peak_tflops when given."""
-        out = {"tflops_per_gpu": flops_per_gpu_s / 1e12}
-        if self.cfg.train.peak_tflops:
-            out["mfu"] = out["tflops_per_gpu"] / self.cfg.train.peak_tflops
-        return out
-
-    def _report_profile(self, folder: Path | None) -> None:
-        if folder is not None:
-            from tqdm import tqdm
-
-            tqdm.write(f"rank {self.rank}: profile of {folder.name.replace('_', ' ')} written to {folder} "
-                       "(open the .pt.trace.json in https://ui.perfetto.dev)")
-
     def save(self, step: int, position: int) -> None:
         tag = f"step{step:08d}"
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False)
