@@ -12,8 +12,9 @@
 #     run:   tables on stdout, $OUT/dit_step_{2b,5b}.json
 #     smoke: the training code paths that only a GPU takes, in a few minutes: the tiny DiT trained on NCCL in bf16
 #            with EMA and a profiled window, then resumed (the host-tensor all_reduces, EMA onto the GPU, the CUDA
-#            trace), the VAE trainer with its export (batches and LPIPS on the engine's device), and sampling with
-#            everything on the GPU (cogvx_ds.sample --device) -> $OUT/smoke.log
+#            trace), the VAE trainer with its export (batches and LPIPS on the engine's device), a pipeline export
+#            from the ZeRO-3 checkpoint, and sampling with everything on the GPU (cogvx_ds.sample --device)
+#            -> $OUT/smoke.log
 # LAYERS (default 4), REPS (default 5) and SPEC_TFLOPS (default 989) override the sizes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +50,7 @@ run|smoke|all)
       python3 -m cogvx_ds.train_vae --run-dir $s/vae --steps 3 ckpt_every=2 model.latent_channels=4
       ls -l $s/vae/export
       python3 -c "from cogvx_ds.models.text_encoder import build_tiny_t5; build_tiny_t5('$s/t5', d_model=32)"
+      python3 -m cogvx_ds.export --run-dir $s/dit --out $s/pipe --vae $s/vae/export --text-encoder $s/t5 --checkpoint latest
       python3 -c "
 import torch; from cogvx_ds.sample import load_components, generate
 device = 'cuda' if torch.cuda.is_available() else 'cpu'

@@ -94,3 +94,4 @@ def test_gpu_smoke_commands_run_on_the_cpu(tmp_path):
     assert proc.returncode == 0 and "SMOKE OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert (tmp_path / "smoke" / "dit" / "profile" / "steps_2-3" / "rank0.pt.trace.json").is_file()
     assert (tmp_path / "smoke" / "vae" / "export" / "config.json").is_file()
+    assert (tmp_path / "smoke" / "pipe" / "transformer" / "config.json").is_file()
