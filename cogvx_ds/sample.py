@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from data_tools._video_io import to_uint8
+
 
 def _resolve(model: Path, sub: str, given: str | None) -> Path | None:
     if given:
@@ -119,11 +121,6 @@ def generate(dit, vae, encoder, prompts: list[str], *, frames: int, height: int,
     bar.close()
     z = (z / scale).permute(0, 2, 1, 3, 4)  # [B, C, F, H, W], unscaled latents for the VAE
     return vae.decode(z.to(vae.dtype)).float().clamp(-1, 1)
-
-
-def to_uint8(video: torch.Tensor):
-    """[3, T, H, W] in [-1, 1] -> numpy uint8 [T, H, W, 3]."""
-    return ((video.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).byte().cpu().numpy()
 
 
 def main(argv=None) -> int:

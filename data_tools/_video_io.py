@@ -9,6 +9,11 @@ from pathlib import Path
 import numpy as np
 
 
+def to_uint8(video) -> np.ndarray:
+    """A torch video [3, T, H, W] in [-1, 1] (any dtype, any device) -> uint8 [T, H, W, 3] on the host."""
+    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
+
+
 def write_mp4(path: str | Path, frames: np.ndarray, fps: float = 8.0, crf: int = 18) -> None:
     """Write frames uint8 [T, H, W, 3] (RGB) as H.264 / yuv420p, atomically (temp file, then rename).
 

@@ -11,16 +11,10 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from cogvx_ds.data.shards import iter_shard, resolve_shards
-from data_tools._video_io import write_mp4
-
-
-def to_uint8(video: torch.Tensor) -> np.ndarray:
-    """[3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
-    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+from data_tools._video_io import to_uint8, write_mp4
 
 
 def decode_shards(shards: list[Path], vae, out: Path, num: int | None = None, keys: set[str] | None = None,
