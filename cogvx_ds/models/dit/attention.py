@@ -39,11 +39,12 @@ tile lives at a time); `cogvx_ds.perf_model.activation_bytes(attention="tiled")`
 forward also holds one float32 tile of scores and float32 copies of q and k while it runs. Never on GPUs (flash
 is faster there) and never inside torch.compile (`model.compile_blocks` compiles SDPA).
 
-Why the pairs run one after another, each matmul on all threads, and not split over single-threaded Python workers:
-alone, two such workers (4 pairs each) did 8 pairs x 1,088 tokens x 64 forward + backward in 47 ms against 51-56
-ms; inside the model the step got 3-6% slower. After each parallel region libgomp's team of the calling thread
-spins for a few ms (two workers started right after a 2-thread op took 15 ms, 10.5 ms once that team slept), and
-with OMP_WAIT_POLICY=PASSIVE, which stops the spin, the split gained 2-5% but everything else lost 2-3%.
+Why the pairs run one after another, each matmul on all threads, and are not split over the cores (4 pairs per
+core, measured on the 2-core reference CPU, float32, 8 pairs x 1,088 tokens x 64): in C++ with `at::parallel_for`
+on the caller's OpenMP team the forward took 24-26 ms against 17.5-20 (two cores writing kept probabilities at once
+share the memory bandwidth), the backward 32-38 against 30-36, and the whole step was 1.005x. Two single-threaded
+Python workers looked 1.08-1.3x faster alone, but made the step 3-6% slower: libgomp's team of the calling thread
+spins for a few ms after each parallel region and takes a core from them.
 
 `model.cpu_attention`: "auto" (the route above), "sdpa" (always torch SDPA), "tiled" (the tiled kernel for any
 shape, dtype and device, outside torch.compile).
