@@ -98,6 +98,8 @@ def main(argv=None) -> int:
     ap.add_argument("--text-encoder", required=True, help="text encoder folder (with its tokenizer)")
     ap.add_argument("--checkpoint", help="'latest' or a tag like step00001000: export that DeepSpeed checkpoint "
                                          "instead of final_model/ (launch with the training layout)")
+    # the deepspeed launcher appends --local_rank=N (and sets LOCAL_RANK, which is what is read)
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     run, out = Path(args.run_dir), Path(args.out)
     if not (run / "config.yaml").is_file():
@@ -107,7 +109,11 @@ def main(argv=None) -> int:
         export_transformer_from_checkpoint(run, out, args.checkpoint)
         import torch.distributed as dist
 
-        if dist.get_rank() != 0:
+        from cogvx_ds.parallel import destroy_distributed
+
+        rank = dist.get_rank()
+        destroy_distributed()
+        if rank != 0:
             return 0
     else:
         if not (run / "final_model" / "config.json").is_file():

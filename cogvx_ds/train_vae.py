@@ -89,8 +89,11 @@ def main(argv: list[str] | None = None) -> None:
         if not trainer.resume():
             sys.exit(f"{cfg.run_dir}/checkpoints/latest: no checkpoint to export")
         trainer.export(Path(cfg.run_dir) / "export")
-        return
-    trainer.train()
+    else:
+        trainer.train()
+    import torch.distributed as dist
+
+    dist.destroy_process_group()  # NCCL warns at exit (and some versions hang in teardown) when it is left open
 
 
 if __name__ == "__main__":

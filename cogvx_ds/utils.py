@@ -22,9 +22,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def local_gpu() -> int:
+    """This process's GPU: LOCAL_RANK among the GPUs it can see. When Slurm binds one GPU per task
+    (--gpus-per-task, --gpu-bind) every task sees only cuda:0 while SLURM_LOCALID still counts 0..7."""
+    import torch
+
+    return int(os.environ.get("LOCAL_RANK", 0)) % max(1, torch.cuda.device_count())
+
+
 def single_process_env() -> None:
-    """Without a launcher (no torchrun/deepspeed/srun env), set what one process needs to start torch.distributed."""
-    if "WORLD_SIZE" in os.environ or "SLURM_PROCID" in os.environ:
+    """Without a launcher (no torchrun/deepspeed env, and not one of several srun tasks), set what one process needs
+    to start torch.distributed. A single Slurm task counts as one process: a batch script's own shell has
+    SLURM_PROCID=0 too, and `srun -n 1` is one process."""
+    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1") if "SLURM_PROCID" in os.environ else 1) > 1:
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

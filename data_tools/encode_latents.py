@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from cogvx_ds.data.shards import ShardWriter, write_index
-from cogvx_ds.utils import atomic_write_text
+from cogvx_ds.utils import atomic_write_text, local_gpu
 from data_tools.video_decode import (
     IMAGE_EXTS,
     VIDEO_EXTS,
@@ -293,6 +293,8 @@ class Encoder:
         from cogvx_ds.models.vae import CogVideoXVAE
 
         self.device = torch.device(args.device)
+        if self.device.type == "cuda":  # library calls that use the current device must not open a context on GPU 0
+            torch.cuda.set_device(self.device)
         self.vae = CogVideoXVAE.from_diffusers(args.vae, dtype=DTYPES[args.vae_dtype]).to(self.device).eval()
         self.vae.set_chunking(args.encode_chunk_frames or None, self.vae.latent_frames_per_chunk)
         if args.tiling:
@@ -620,8 +622,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.prefetch is None:
         args.prefetch = 2 * max(args.decode_workers, 1)
     if args.device is None:
-        local = os.environ.get("LOCAL_RANK", "0")
-        args.device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        args.device = f"cuda:{local_gpu()}" if torch.cuda.is_available() else "cpu"
     return args
 
 

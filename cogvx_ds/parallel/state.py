@@ -15,6 +15,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from cogvx_ds.parallel.cpu_shim import install_cpu_shim
+from cogvx_ds.utils import local_gpu
 
 
 def is_initialized() -> bool:
@@ -34,7 +35,7 @@ def init_distributed(tensor_parallel: int = 1, sequence_parallel: int = 1, backe
     if not dist.is_initialized():
         _env_from_slurm()
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(local_gpu())
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     # DeepSpeed keeps its own communication backend (used by ZeRO); it adopts the
     # process group started above.
@@ -70,7 +71,8 @@ def skip_deepspeed_cpu_shm_kernel() -> None:
 
 
 def _env_from_slurm() -> None:
-    """Under plain `srun python ...` (no torchrun) derive torch.distributed's env from SLURM's."""
+    """Under plain `srun python ...` (no torchrun) derive torch.distributed's env from SLURM's. (A single Slurm task,
+    e.g. a batch script's own shell, is a single process: `cogvx_ds.utils.single_process_env` fills that in.)"""
     if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
         return
     os.environ["RANK"] = os.environ["SLURM_PROCID"]

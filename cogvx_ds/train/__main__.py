@@ -22,6 +22,8 @@ def main(argv=None) -> int:
                     help="config file or packaged name (model/tiny, stages/lq_pretrain, ...); later ones win")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.lr=1e-4 data.shards=[a/]")
     ap.add_argument("--print-config", action="store_true", help="print the resolved, validated config and exit")
+    # the deepspeed launcher appends --local_rank=N (and sets LOCAL_RANK, which is what is read)
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_intermixed_args(argv)  # --config may come after overrides
 
     import yaml
@@ -54,7 +56,11 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return trainer.run()
+    rc = trainer.run()
+    from cogvx_ds.parallel import destroy_distributed
+
+    destroy_distributed()  # NCCL warns at exit (and some versions hang in teardown) when the group is left open
+    return rc
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from cogvx_ds.data.shards import resolve_shards
 from cogvx_ds.diffusion import NoiseSchedule, bucket_loss_sums, bucket_losses
 from cogvx_ds.diffusion.timesteps import explicit_uniform_interval, sampling_generator
 from cogvx_ds.parallel import MegatronMPU, init_distributed, state
-from cogvx_ds.utils import atomic_write_text
+from cogvx_ds.utils import atomic_write_text, local_gpu
 
 warnings.filterwarnings("ignore", message=r".*torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor).*")
 
@@ -181,7 +181,7 @@ class Trainer:
             print("note: ZeRO-3 over a single data x sequence parallel rank partitions nothing and only adds its "
                   "hooks (1.5x slower steps for the demo's small model on a CPU); train.zero_stage=2 "
                   "trains the same", file=sys.stderr, flush=True)
-        self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device("cuda", local_gpu()) if torch.cuda.is_available() else torch.device("cpu")
         self.schedule = NoiseSchedule.from_config(cfg.diffusion)
         self.resume_from = self._check_resumable()  # before the engine is built: a mismatch fails in seconds
         self.engine, self.model = build_engine(cfg, self.ds_config)

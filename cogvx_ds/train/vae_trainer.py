@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from cogvx_ds.models.vae.discriminator import PatchDiscriminator3D
 from cogvx_ds.models.vae.losses import GeneratorLossWeights, generator_step_terms, hinge_d_loss
 from cogvx_ds.models.vae.lpips import LPIPS
 from cogvx_ds.train.vae_data import MovingShapesStream, VideoFileStream
-from cogvx_ds.utils import atomic_write_text, single_process_env
+from cogvx_ds.utils import atomic_write_text, local_gpu, single_process_env
 
 log = logging.getLogger("cogvx_ds.train_vae")
 REPO = Path(__file__).resolve().parents[2]
@@ -109,12 +108,13 @@ def init_distributed() -> None:
 
     if dist.is_initialized():
         return
-    single_process_env()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # before NCCL: one GPU per process
-    else:
-        from cogvx_ds.parallel.state import skip_deepspeed_cpu_shm_kernel
+    from cogvx_ds.parallel.state import _env_from_slurm, skip_deepspeed_cpu_shm_kernel
 
+    single_process_env()
+    _env_from_slurm()  # several srun tasks without torchrun
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_gpu())  # before NCCL: one GPU per process
+    else:
         skip_deepspeed_cpu_shm_kernel()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
