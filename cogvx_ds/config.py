@@ -382,8 +382,9 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
                  f"must be a positive multiple of {mult} (VAE x{dd.vae_spatial_compression}, then "
                  f"model.patch_size {m.patch_size}), so the latent {name} divides by the patch size")
     tokens = video_tokens(m, dd.num_frames, dd.height, dd.width, dd.vae_spatial_compression)
-    _require(tokens % p.sequence_parallel == 0, "parallel.sequence_parallel", p.sequence_parallel,
-             f"must divide the video token count ({tokens} for {dd.num_frames}x{dd.height}x{dd.width})")
+    _require(tokens >= p.sequence_parallel, "parallel.sequence_parallel", p.sequence_parallel,
+             f"must not exceed the video token count ({tokens} for {dd.num_frames}x{dd.height}x{dd.width}): "
+             f"every rank holds at least one")
     if dd.image_ratio is not None:
         _require(0 <= dd.image_ratio <= 1, "data.image_ratio", dd.image_ratio, "must be in [0, 1] (or null)")
     _require(dd.latent_scale > 0, "data.latent_scale", dd.latent_scale, "must be positive")

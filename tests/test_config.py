@@ -65,7 +65,7 @@ RULES = [
     (["data.width=40"], None, "data.width = 40: must be a positive multiple of 16"),
     (["parallel.tensor_parallel=2"], 3, "must divide the world size (3 processes)"),
     (["parallel.sequence_parallel=4", "data.num_frames=1", "data.height=16", "data.width=48"], None,
-     "parallel.sequence_parallel = 4: must divide the video token count (3"),
+     "parallel.sequence_parallel = 4: must not exceed the video token count (3"),
     (["model.attention_head_dim=24", "model.hidden_size=null"], None, "model.attention_head_dim = 24: must be divisible by 16"),
     (["diffusion.beta_start=0.5"], None, "diffusion.beta_start/beta_end"),
     (["diffusion.prediction_type=sample"], None, "diffusion.prediction_type = 'sample'"),

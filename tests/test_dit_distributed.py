@@ -40,13 +40,14 @@ def test_tp_sp_match_single_process(tp, sp, tmp_path, torchrun):
     """Both model families per launch: output, input gradients, and full parameter gradients (SP shares
     summed, TP shards gathered) equal one process; save_diffusers under TP/SP writes the original weights.
     7 text tokens: under SP=2 the ranks hold 4 and 3 of them (uneven all-to-all); batch 1 and 2 (the all-to-all
-    layouts differ). "5b-tiled": the ranks run the CPU tiled attention kernel, the reference SDPA."""
-    kinds = ["5b", "2b", "5b-batch1", "5b-tiled"]
+    layouts differ). "5b-tiled": the ranks run the CPU tiled attention kernel, the reference SDPA. "-odd":
+    3 x 3 x 5 = 45 video tokens, so under SP=2 the ranks hold 23 and 22 of them too."""
+    kinds = ["5b", "2b", "5b-batch1", "5b-tiled", "5b-odd", "2b-odd"]
     for kind in kinds:
         case = tmp_path / kind
         make_reference(kind.split("-")[0]).save_pretrained(case / "model")
-        # 3 x 4 x 6 = 72 video tokens, divisible by SP
-        x, text, t, probe = make_inputs(kind.split("-")[0], SIZES[0], batch=1 if "batch1" in kind else 2)
+        size = (3, 6, 10) if kind.endswith("-odd") else SIZES[0]  # 45 or 3 x 4 x 6 = 72 video tokens
+        x, text, t, probe = make_inputs(kind.split("-")[0], size, batch=1 if "batch1" in kind else 2)
         save_file({"x": x, "text": text, "t": t, "probe": probe}, str(case / "inputs.safetensors"))
     torchrun(tp * sp, "tests/dist_dit_worker.py", f"--tp={tp}", f"--sp={sp}",
              *[f"--case={tmp_path / k}" for k in kinds])

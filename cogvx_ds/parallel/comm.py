@@ -40,7 +40,8 @@ def copy_to_group(x: torch.Tensor, group) -> torch.Tensor:
 
 
 class _GatherAlongDim(torch.autograd.Function):
-    """Forward: all-gather and concatenate along `dim` in rank order.
+    """Forward: all-gather and concatenate along `dim` in rank order; the ranks' sizes along `dim` may differ
+    (`sizes`, one per rank: the parts are padded to the largest for the collective and trimmed after).
 
     Backward "split": keep this rank's chunk of the incoming gradient. Right when every rank then computes the
     same function of the gathered tensor (a replicated loss), so each rank's copy of the gradient is complete.
@@ -49,23 +50,36 @@ class _GatherAlongDim(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, dim, group, grad_mode):
-        ctx.dim, ctx.group, ctx.grad_mode = dim, group, grad_mode
+    def forward(ctx, x, dim, group, grad_mode, sizes):
+        ctx.dim, ctx.group, ctx.grad_mode, ctx.sizes = dim, group, grad_mode, sizes
+        longest = max(sizes)
         x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        if x.shape[dim] < longest:
+            pad = list(x.shape)
+            pad[dim] = longest - x.shape[dim]
+            x = torch.cat([x, x.new_zeros(pad)], dim)
+        parts = [torch.empty_like(x) for _ in sizes]
         dist.all_gather(parts, x, group=group)
-        return torch.cat(parts, dim=dim)
+        return torch.cat([part.narrow(dim, 0, n) for part, n in zip(parts, sizes)], dim=dim)
 
     @staticmethod
     def backward(ctx, grad):
         if ctx.grad_mode == "sum":
             grad = grad.contiguous()
             dist.all_reduce(grad, group=ctx.group)
-        chunk = grad.chunk(dist.get_world_size(ctx.group), dim=ctx.dim)[dist.get_rank(ctx.group)]
-        return chunk.contiguous(), None, None, None
+        rank = dist.get_rank(ctx.group)
+        chunk = grad.narrow(ctx.dim, sum(ctx.sizes[:rank]), ctx.sizes[rank])
+        return chunk.contiguous(), None, None, None, None
 
 
-def gather_along_dim(x: torch.Tensor, dim: int, group, grad_mode: str = "split") -> torch.Tensor:
+def gather_along_dim(x: torch.Tensor, dim: int, group, grad_mode: str = "split", sizes=None) -> torch.Tensor:
+    """All-gather x along `dim` over `group` (autograd-aware, see _GatherAlongDim). `sizes`: every rank's size
+    along `dim` when they differ (default: all equal to this rank's)."""
     if grad_mode not in ("split", "sum"):
         raise ValueError(f"grad_mode must be 'split' or 'sum', got {grad_mode!r}")
-    return x if _size(group) == 1 else _GatherAlongDim.apply(x, dim, group, grad_mode)
+    if _size(group) == 1:
+        return x
+    sizes = [x.shape[dim]] * _size(group) if sizes is None else [int(n) for n in sizes]
+    if len(sizes) != _size(group) or sizes[dist.get_rank(group)] != x.shape[dim]:
+        raise ValueError(f"sizes {sizes} must list every rank's size along dim {dim} (this rank: {x.shape[dim]})")
+    return _GatherAlongDim.apply(x, dim, group, grad_mode, sizes)

@@ -258,10 +258,10 @@ class Trainer:
         text = self._text(batch, drop).to(self.device)
         out = self.engine(x_t, text, t.float().to(self.device), gather_output=False)
         out = self._fault_injection(step, micro, out, "grad")
-        start, end = self.model.local_token_range(out.shape[1] * state.sp_size())
-        target = self.model.patchify(target)[:, start:end].to(self.device)
-        sq = (out.float() - target.float()).square()
-        share = sq.sum(dim=(1, 2)) / (sq[0].numel() * state.sp_size())  # [b]: sums over SP to the sample mean
+        target = self.model.patchify(target)  # [b, all video tokens, C*p*p]
+        start, end = self.model.local_token_range(target.shape[1])
+        sq = (out.float() - target[:, start:end].to(self.device).float()).square()
+        share = sq.sum(dim=(1, 2)) / target[0].numel()  # [b]: this rank's part; sums over SP to the sample mean
         loss = self._fault_injection(step, micro, share.mean() * self._sp_loss_factor(), "loss")
         return loss, share.detach(), t
 

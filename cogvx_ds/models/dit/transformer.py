@@ -28,6 +28,17 @@ class FinalAdaLN(nn.Module):
         return self.norm(x, n_text, scale, shift, scale, shift)
 
 
+def sp_chunk(n: int, sp: int, rank: int) -> tuple[int, int]:
+    """The [start, end) of n tokens that SP rank `rank` of `sp` holds: contiguous and as even as possible, the first
+    n % sp ranks take one more. Text and video tokens are split this way separately."""
+    start = rank * (n // sp) + min(rank, n % sp)
+    return start, start + n // sp + (rank < n % sp)
+
+
+def _span(r: tuple[int, int]) -> int:
+    return r[1] - r[0]
+
+
 class CogVideoXTransformer(nn.Module):
     """`forward(latents [B,F,C,H,W], text [B,L,D_text], timestep [B]) -> v prediction [B,F,C,H,W]`.
 
@@ -107,20 +118,14 @@ class CogVideoXTransformer(nn.Module):
 
     @staticmethod
     def local_text_range(num_text: int) -> tuple[int, int]:
-        """The slice of text tokens this SP rank holds: as even as possible, the first ranks take one more."""
-        sp, rank = state.sp_size(), state.sp_rank()
-        start = rank * (num_text // sp) + min(rank, num_text % sp)
-        return start, start + num_text // sp + (rank < num_text % sp)
+        """The slice of text tokens this SP rank holds (see `sp_chunk`)."""
+        return sp_chunk(num_text, state.sp_size(), state.sp_rank())
 
-    def local_token_range(self, num_tokens: int) -> tuple[int, int]:
-        """The slice of video tokens (in (f, h, w) order) this SP rank holds."""
-        sp = state.sp_size()
-        if num_tokens % sp:
-            raise ValueError(f"{num_tokens} video tokens cannot be split evenly over {sp} sequence-parallel ranks; "
-                             f"choose frames/height/width so that latent_frames x (H/{self.config.patch_size}) x "
-                             f"(W/{self.config.patch_size}) is divisible by parallel.sequence_parallel")
-        chunk = num_tokens // sp
-        return state.sp_rank() * chunk, (state.sp_rank() + 1) * chunk
+    @staticmethod
+    def local_token_range(num_tokens: int) -> tuple[int, int]:
+        """The slice of video tokens (in (f, h, w) order) this SP rank holds (see `sp_chunk`): 49x480x720 has
+        17,550 of them, which SP = 4 or 8 does not divide."""
+        return sp_chunk(num_tokens, state.sp_size(), state.sp_rank())
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """[B,F,C,H,W] -> [B, F*h*w, C*p*p] in the token order and channel layout of the output projection."""
@@ -166,9 +171,10 @@ class CogVideoXTransformer(nn.Module):
             video = video + pos[1][start:end].to(dtype)[None]
         else:
             rope = self._stream_rope(frames, height // p, width // p, n_text, start, end, video.device)
-        sp_sizes = None
+        sp_sizes = video_sizes = None
         if sp > 1:  # every rank's stream length, for the Ulysses all-to-alls
-            sp_sizes = [n_text_all // sp + (r < n_text_all % sp) + (end - start) for r in range(sp)]
+            video_sizes = [_span(sp_chunk(n_video, sp, r)) for r in range(sp)]
+            sp_sizes = [_span(sp_chunk(n_text_all, sp, r)) + video_sizes[r] for r in range(sp)]
         x = torch.cat([text, video], 1)  # one [text; video] stream through all blocks
         for block in self.blocks:
             if cfg.activation_checkpointing and torch.is_grad_enabled():
@@ -181,5 +187,5 @@ class CogVideoXTransformer(nn.Module):
         out = self.proj_out(out if compute is None else out.to(compute)).to(dtype)[:, n_text:]
         if not gather_output:
             return out
-        out = gather_along_dim(out, dim=1, group=sp_group, grad_mode="split")
+        out = gather_along_dim(out, dim=1, group=sp_group, grad_mode="split", sizes=video_sizes)
         return self.unpatchify(out, frames, height, width)
