@@ -29,13 +29,14 @@ LAUNCHER=${LAUNCHER:-torchrun}
 PYTHON=${PYTHON:-python}
 JOB_ID=${SLURM_JOB_ID:-$$}
 MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n 1)
-MASTER_PORT=${MASTER_PORT:-$((20000 + JOB_ID % 20000))}
+MASTER_PORT=${MASTER_PORT:-$((10000 + JOB_ID % 20000))}  # below Linux's ephemeral ports (32768-60999)
 WORLD=$((NODES * GPUS_PER_NODE))
 export MASTER_ADDR MASTER_PORT OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 mkdir -p "$RUN_DIR" logs
 
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
-TRAIN_ARGS=(--config "$MODEL" --config "$STAGE_CONFIG" "train.run_dir=$RUN_DIR" "data.shards=[$DATA]" "${EXTRA[@]}")
+# ${A[@]+"${A[@]}"}: an empty array under `set -u` is an error in bash <= 4.3 (RHEL/CentOS 7)
+TRAIN_ARGS=(--config "$MODEL" --config "$STAGE_CONFIG" "train.run_dir=$RUN_DIR" "data.shards=[$DATA]" ${EXTRA[@]+"${EXTRA[@]}"})
 echo "[$(date -Is)] job $JOB_ID stage $STAGE: $NODES node(s) x $GPUS_PER_NODE = $WORLD processes, launcher $LAUNCHER," \
      "rendezvous $MASTER_ADDR:$MASTER_PORT, run dir $RUN_DIR"
 
@@ -45,6 +46,11 @@ if ! WORLD_SIZE=$WORLD "$PYTHON" -m cogvx_ds.train "${TRAIN_ARGS[@]}" --print-co
     exit 2
 fi
 
+# The markers belong to this job: one left by an earlier job would stop this one at once (STOP) or requeue it
+# after a failure that happened before the trainer got to clear it (REQUEUE), again and again.
+rm -f "$RUN_DIR/STOP" "$RUN_DIR/REQUEUE"
+# Since Slurm 22.05 srun no longer inherits the job's --cpus-per-task: give each step's task the same CPUs.
+[ -n "${SLURM_CPUS_PER_TASK:-}" ] && export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
 trap 'echo "[$(date -Is)] preemption signal: asking the trainer to checkpoint and stop"; touch "$RUN_DIR/STOP"' USR1
 
 case "$LAUNCHER" in
@@ -54,7 +60,9 @@ case "$LAUNCHER" in
         --rdzv_id="$JOB_ID" -m cogvx_ds.train "${TRAIN_ARGS[@]}" &
     ;;
   srun)  # one task per GPU; cogvx_ds reads RANK/WORLD_SIZE/LOCAL_RANK from SLURM_PROCID/NTASKS/LOCALID
-    srun --ntasks-per-node="$GPUS_PER_NODE" --kill-on-bad-exit=1 "$PYTHON" -m cogvx_ds.train "${TRAIN_ARGS[@]}" &
+    # --ntasks too: the job's own SLURM_NTASKS (one per node) would otherwise override --ntasks-per-node
+    srun --ntasks="$WORLD" --ntasks-per-node="$GPUS_PER_NODE" --kill-on-bad-exit=1 "$PYTHON" -m cogvx_ds.train \
+        "${TRAIN_ARGS[@]}" &
     ;;
   deepspeed)
     scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | sed "s/\$/ slots=$GPUS_PER_NODE/" > "$RUN_DIR/hostfile"
@@ -71,7 +79,11 @@ PID=$!
 while true; do
     wait "$PID"
     RC=$?
-    kill -0 "$PID" 2>/dev/null || break
+    if ! kill -0 "$PID" 2>/dev/null; then
+        # a wait cut short by the trap returns 128+signal; the launcher's own status is still there to collect
+        if [ "$RC" -gt 128 ]; then wait "$PID"; RC2=$?; [ "$RC2" -ne 127 ] && RC=$RC2; fi
+        break
+    fi
 done
 
 if [ -f "$RUN_DIR/REQUEUE" ]; then

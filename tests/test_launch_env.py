@@ -16,7 +16,7 @@ from cogvx_ds.utils import local_gpu, single_process_env
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
-               "SLURM_LOCALID")
+               "SLURM_LOCALID", "SLURM_JOB_ID")
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def test_one_slurm_task_is_a_single_process(clean_env):
 
 
 def test_several_slurm_tasks_take_their_env_from_slurm(clean_env):
-    os.environ.update(SLURM_PROCID="5", SLURM_NTASKS="8", SLURM_LOCALID="1")
+    os.environ.update(SLURM_PROCID="5", SLURM_NTASKS="8", SLURM_LOCALID="1", SLURM_JOB_ID="4242")
     single_process_env()
     assert "RANK" not in os.environ
     with pytest.raises(RuntimeError, match="export MASTER_ADDR"):
@@ -67,6 +67,7 @@ def test_several_slurm_tasks_take_their_env_from_slurm(clean_env):
     os.environ["MASTER_ADDR"] = "node001"
     _env_from_slurm()
     assert [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")] == ["5", "8", "1"]
+    assert os.environ["MASTER_PORT"] == "14242"  # as launch/_train_common.sh derives it from the job id
 
 
 @pytest.mark.parametrize("local_rank, visible, gpu", [(5, 8, 5), (5, 1, 0), (3, 2, 1), (0, 1, 0)])

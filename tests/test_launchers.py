@@ -15,6 +15,7 @@ SCRIPTS = sorted((ROOT / "launch").glob("*.sh")) + sorted((ROOT / "launch").glob
 
 STUB_SRUN = r"""#!/usr/bin/env bash
 echo "srun $*" >> "$STUB_LOG"
+echo "env-srun SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-}" >> "$STUB_LOG"
 run_dir=""
 for a in "$@"; do case "$a" in train.run_dir=*) run_dir=${a#train.run_dir=};; esac; done
 if [ -n "${STUB_WAIT_STOP:-}" ]; then   # behave like a trainer that checkpoints when asked to stop
@@ -74,7 +75,7 @@ def test_torchrun_launch_counts_rendezvous_and_config(env):
     assert proc.returncode == 0, proc.stderr
     (line,) = [x for x in log(env) if x.startswith("srun")]
     assert "--ntasks-per-node=1" in line and "-m torch.distributed.run --nnodes=2 --nproc_per_node=4" in line
-    assert "--rdzv_backend=c10d --rdzv_endpoint=node001:24242 --rdzv_id=4242 -m cogvx_ds.train" in line
+    assert "--rdzv_backend=c10d --rdzv_endpoint=node001:14242 --rdzv_id=4242 -m cogvx_ds.train" in line
     assert f"--config model/tiny --config stages/lq_pretrain train.run_dir={env['RUN_DIR']}" in line
     assert f"data.shards=[{env['DATA']}]" in line
     assert "stage: lq_pretrain" in (Path(env["RUN_DIR"]) / "resolved_config.yaml").read_text()
@@ -83,7 +84,8 @@ def test_torchrun_launch_counts_rendezvous_and_config(env):
 def test_srun_and_deepspeed_launchers(env):
     assert _sbatch("train_hq.sbatch", env, LAUNCHER="srun", EXTRA_ARGS="train.lr=5e-5").returncode == 0
     (line,) = [x for x in log(env) if x.startswith("srun")]
-    assert "srun --ntasks-per-node=4 --kill-on-bad-exit=1" in line and "stages/hq_finetune" in line
+    # 2 nodes x 4: --ntasks as well, or the job's own SLURM_NTASKS (one per node) would win over --ntasks-per-node
+    assert "srun --ntasks=8 --ntasks-per-node=4 --kill-on-bad-exit=1" in line and "stages/hq_finetune" in line
     assert line.endswith("train.lr=5e-5")
     assert _sbatch("train_caption.sbatch", env, LAUNCHER="deepspeed").returncode == 0
     (line,) = [x for x in log(env) if x.startswith("deepspeed")]
@@ -110,6 +112,24 @@ def test_finished_run_is_not_requeued_and_failures_propagate(env):
     assert not any("requeue" in x for x in log(env))
 
 
+def test_markers_of_an_earlier_job_neither_stop_nor_requeue_this_one(env):
+    """A requeued job that fails before the trainer starts (a bad node, a moved data folder) must fail, not find
+    the previous job's REQUEUE and requeue itself forever; an old STOP must not stop it at once."""
+    run = Path(env["RUN_DIR"])
+    run.mkdir(parents=True)
+    (run / "REQUEUE").write_text('{"step": 7}')
+    (run / "STOP").write_text("")
+    assert _sbatch("train_lq.sbatch", env, STUB_RC="1").returncode == 1
+    assert not any("requeue" in x for x in log(env))
+    assert not (run / "STOP").exists() and not (run / "REQUEUE").exists()
+
+
+def test_steps_get_the_jobs_cpus_per_task(env):
+    """srun (Slurm >= 22.05) does not pass the job's --cpus-per-task on to its steps: the scripts do."""
+    assert _sbatch("train_lq.sbatch", env, SLURM_CPUS_PER_TASK="64").returncode == 0
+    assert "env-srun SRUN_CPUS_PER_TASK=64" in log(env)
+
+
 def test_bad_config_launches_nothing(env):
     proc = _sbatch("train_lq.sbatch", env, EXTRA_ARGS="parallel.tensor_parallel=3")
     assert proc.returncode == 2
@@ -122,7 +142,7 @@ def test_encode_array_job(env, tmp_path):
     proc = _sbatch("encode_array.sbatch", env, INPUT="/data/raw/manifest.jsonl", VAE="/m/vae", OUT="/data/lat",
                    TEXT_ENCODER="/m/t5", SLURM_ARRAY_TASK_ID="3", SLURM_ARRAY_TASK_COUNT="16")
     assert proc.returncode == 0, proc.stderr
-    (line,) = log(env)
+    (line,) = [x for x in log(env) if x.startswith("srun")]
     assert line.startswith("srun --ntasks=1") and "-m data_tools.encode_latents --input /data/raw/manifest.jsonl" in line
     assert "--vae /m/vae --out /data/lat --buckets 480x720x49 --fps 8 --text-encoder /m/t5" in line
     assert "array task 3 of 16" in proc.stdout

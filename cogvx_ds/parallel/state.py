@@ -78,7 +78,8 @@ def _env_from_slurm() -> None:
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    # the same port as launch/_train_common.sh derives: jobs sharing a node do not collide on a fixed one
+    os.environ.setdefault("MASTER_PORT", str(10000 + int(os.environ.get("SLURM_JOB_ID", 19500)) % 20000))
     if "MASTER_ADDR" not in os.environ:
         raise RuntimeError("running under srun without torchrun: export MASTER_ADDR (the first node's host name)")
 
