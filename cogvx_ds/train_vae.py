@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="load the latest checkpoint of run_dir and write run_dir/export in diffusers format")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. recon=l2 disc_start=50")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options may come after key=value overrides
     from cogvx_ds.utils import tune_malloc
 
     tune_malloc()

@@ -1,6 +1,7 @@
 """Weight interop: save_diffusers -> diffusers, sharded safetensors, SAT -> ours, and the errors on bad files."""
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -123,3 +124,19 @@ def test_unsupported_or_missing_diffusers_folder(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(dict(cfg, patch_size_t=2)))
     with pytest.raises(ValueError, match="patch_size_t = 2 is not supported"):
         CogVideoXTransformer.from_diffusers(tmp_path / "m")
+
+
+def test_training_init_from_an_unsafe_sat_pickle_needs_train_allow_unsafe_pickle(tmp_path):
+    from cogvx_ds.config import Config, TrainConfig
+    from cogvx_ds.train.trainer import init_weights
+
+    ref = make_reference("5b")
+    torch.save({"module": diffusers_to_sat(ref.state_dict()), "extra": Boom()}, tmp_path / "ckpt.pt")
+    model_cfg = ModelConfig(**CONFIGS["5b"])
+    model = CogVideoXTransformer(model_cfg)
+    cfg = Config(model=model_cfg, train=TrainConfig(init_from=str(tmp_path / "ckpt.pt")))
+    with pytest.raises(UnsafeCheckpointError, match="train.allow_unsafe_pickle=true"):
+        init_weights(model, cfg)
+    init_weights(model, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, allow_unsafe_pickle=True)))
+    want = ref.state_dict()["proj_out.weight"]
+    assert torch.equal(model.state_dict()["proj_out.weight"], want)

@@ -134,6 +134,13 @@ def test_cli_help_and_config_errors(capsys, tmp_path):
         build_config(str(tmp_path / "c.yaml"), []).validate()
     with pytest.raises(ValueError, match="data_cache_mb must be >= 0"):
         build_config(None, ["data_cache_mb=-1"]).validate()
+    # the README's order: an option after key=value overrides is still an option (the data path is checked next)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["--run-dir", str(tmp_path / "r"), "--steps", "2", "recon=l2", "--lpips-path", str(tmp_path / "lpips"),
+              f"data={tmp_path / 'videos.txt'}", "height=64", "width=64", "frames=9"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unrecognized arguments" not in err and "videos.txt does not exist" in err, err
 
 
 def _frame_code_video(n_frames: int) -> np.ndarray:

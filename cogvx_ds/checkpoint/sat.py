@@ -74,7 +74,7 @@ def read_sat_file(path: str | Path, allow_unsafe_pickle: bool = False) -> dict[s
         if not allow_unsafe_pickle:
             raise UnsafeCheckpointError(
                 f"{path} holds Python objects beyond tensors, so loading it would run arbitrary code from the file "
-                f"({str(e).splitlines()[0]}). Pass allow_unsafe_pickle=True (CLI: --allow-unsafe-pickle) only if "
+                f"({str(e).splitlines()[0]}). Pass allow_unsafe_pickle=True (training: train.allow_unsafe_pickle=true) only if "
                 f"you trust where the file came from.") from e
         obj = torch.load(path, map_location="cpu", weights_only=False)
     for key in ("module", "model", "state_dict"):

@@ -157,7 +157,8 @@ def init_weights(model, cfg: Config) -> None:
     if (path / "final_model" / "config.json").is_file():
         path = path / "final_model"  # a previous stage's run dir
     if path.suffix == ".pt" or (path.is_dir() and any(path.rglob("mp_rank_00_model_states.pt"))):
-        source, name = sat_to_diffusers(read_sat_file(path)), f"SAT checkpoint {path}"
+        source = sat_to_diffusers(read_sat_file(path, cfg.train.allow_unsafe_pickle))
+        name = f"SAT checkpoint {path}"
     else:
         folder = _model_folder(path)
         source, name = LazySafetensors(folder), str(folder)
@@ -382,6 +383,9 @@ class Trainer:
                         atomic_write_text(self.run_dir / REQUEUE_FILE, json.dumps({"step": step, "signal": self.stop_signal}))
                         print(f"received {self.stop_signal}: checkpoint at step {step} written; exiting with "
                               f"{REQUEUE_EXIT_CODE} for requeue", flush=True)
+                    # no rank exits (a non-zero exit makes srun --kill-on-bad-exit / torchrun kill the others)
+                    # before the marker that tells the job script to requeue exists
+                    dist.barrier()
                     return REQUEUE_EXIT_CODE
             self.model.save_diffusers(self.run_dir / "final_model")
             if self.ema is not None:
