@@ -28,6 +28,31 @@ def scheduler_config(d: DiffusionConfig) -> dict:
             "clip_sample": False, "set_alpha_to_one": True, "steps_offset": 0, "timestep_spacing": "trailing"}
 
 
+DIFFUSERS_ROPE_THETA = 10000.0  # what CogVideoXPipeline's get_3d_rotary_pos_embed uses (it has no setting)
+
+
+def check_exportable(cfg) -> None:
+    """What diffusers' pipeline cannot reproduce: refuse before anything is written."""
+    m = cfg.model
+    if m.use_rotary_positional_embeddings and m.rope_theta != DIFFUSERS_ROPE_THETA:
+        raise ValueError(f"model.rope_theta = {m.rope_theta}: diffusers' CogVideoXPipeline always computes RoPE with "
+                         f"theta {DIFFUSERS_ROPE_THETA:g}, so the exported pipeline would not reproduce this model "
+                         f"(sample it with python -m cogvx_ds.sample instead)")
+
+
+def set_training_sample_size(transformer_dir: Path, cfg) -> None:
+    """Write the training clip size as the transformer's sample size. diffusers' pipeline maps a video's token grid
+    onto the sample grid for RoPE (positions scaled by sample / grid) while training used integer positions on
+    its own grid: at any size but the sample size the two disagree (cos tables apart by up to 2). It also makes
+    the pipeline's default height / width / frames the training ones."""
+    path = transformer_dir / "config.json"
+    raw = json.loads(path.read_text())
+    d = cfg.data
+    raw.update(sample_height=d.height // d.vae_spatial_compression, sample_width=d.width // d.vae_spatial_compression,
+               sample_frames=d.num_frames)
+    path.write_text(json.dumps(raw, indent=2) + "\n")
+
+
 def _copy_tree(src: Path, dst: Path) -> None:
     if dst.exists():
         shutil.rmtree(dst)
@@ -105,6 +130,10 @@ def main(argv=None) -> int:
     if not (run / "config.yaml").is_file():
         ap.error(f"{run} is not a training run dir (no config.yaml)")
     cfg = load_config(run / "config.yaml")
+    try:
+        check_exportable(cfg)
+    except ValueError as e:
+        ap.error(str(e))
     if args.checkpoint:
         export_transformer_from_checkpoint(run, out, args.checkpoint)
         import torch.distributed as dist
@@ -119,6 +148,7 @@ def main(argv=None) -> int:
         if not (run / "final_model" / "config.json").is_file():
             ap.error(f"{run} has no final_model/ yet; pass --checkpoint latest to export its last checkpoint")
         _copy_tree(run / "final_model", out / "transformer")
+    set_training_sample_size(out / "transformer", cfg)
     write_pipeline_parts(out, cfg.diffusion, Path(args.vae), Path(args.text_encoder), cfg.data.latent_scale)
     print(f"wrote {out} ({PIPELINE_CLASS}: transformer, vae, text_encoder, tokenizer, scheduler)")
     return 0

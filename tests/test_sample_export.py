@@ -1,6 +1,7 @@
 """Export to a diffusers CogVideoXPipeline folder, and sampling prompts -> mp4 with our samplers."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,15 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from cogvx_ds.config import Config, ModelConfig, save_config
+from cogvx_ds.config import Config, DataConfig, ModelConfig, save_config
 from cogvx_ds.diffusion import NoiseSchedule
 from cogvx_ds.models import CogVideoXTransformer
 from cogvx_ds.models.text_encoder import TextEncoder, build_tiny_t5
 from cogvx_ds.models.vae import CogVideoXVAE, CogVideoXVAEConfig
 
-# latent grid == the model's sample size, so diffusers' pipeline RoPE uses the same integer positions as ours
+# The released 5B's sample size (60 x 90 latents, 49 frames) while the run trains on 32 x 48 pixel clips (a 2 x 3
+# token grid): diffusers' pipeline would map that grid onto the sample grid for RoPE (positions 0, 1.875, ...) unless
+# the export writes the training size.
 MODEL = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
-             text_embed_dim=32, num_layers=2, sample_width=6, sample_height=4, sample_frames=5,
+             text_embed_dim=32, num_layers=2, sample_width=90, sample_height=60, sample_frames=49,
              max_text_seq_length=16, use_rotary_positional_embeddings=True)
 VAE = dict(block_out_channels=(8, 16, 16, 16), latent_channels=4, layers_per_block=1, norm_num_groups=4,
            sample_height=32, sample_width=48)
@@ -33,7 +36,8 @@ def run_dir(tmp_path_factory):
         for p in dit.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     dit.save_diffusers(root / "run" / "final_model")
-    save_config(Config(model=ModelConfig(**MODEL)), root / "run" / "config.yaml")
+    save_config(Config(model=ModelConfig(**MODEL), data=DataConfig(height=HEIGHT, width=WIDTH, num_frames=FRAMES)),
+                root / "run" / "config.yaml")
     CogVideoXVAE(CogVideoXVAEConfig(**VAE)).save_diffusers(root / "vae")
     build_tiny_t5(root / "t5", d_model=32)
     return root
@@ -74,6 +78,21 @@ def test_diffusers_pipeline_loads_export_and_first_step_matches(run_dir, tmp_pat
     assert moved > 1e-3  # the step did something, so the comparison can fail
     # The pipeline divides latents by the VAE's scaling_factor: export writes the training run's latent scale.
     assert pipe.vae.config.scaling_factor == pytest.approx(Config().data.latent_scale)
+    cfg = pipe.transformer.config  # the training clip size, also the pipeline's default
+    assert (cfg.sample_height, cfg.sample_width, cfg.sample_frames) == (HEIGHT // 8, WIDTH // 8, FRAMES)
+
+
+def test_export_refuses_what_diffusers_cannot_reproduce_and_keeps_rope_theta(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir / "run", run)
+    save_config(Config(model=ModelConfig(**MODEL, rope_theta=500.0)), run / "config.yaml")
+    proc = subprocess.run([sys.executable, "-m", "cogvx_ds.export", f"--run-dir={run}", f"--out={tmp_path / 'o'}",
+                           f"--vae={run_dir / 'vae'}", f"--text-encoder={run_dir / 't5'}"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "model.rope_theta = 500.0" in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()
+    dit = CogVideoXTransformer.from_config(ModelConfig(**MODEL, rope_theta=500.0))
+    dit.save_diffusers(tmp_path / "m")
+    assert CogVideoXTransformer.from_diffusers(tmp_path / "m").config.rope_theta == 500.0
 
 
 def test_sampling_uses_the_training_runs_latent_scale_and_schedule(run_dir, tmp_path):

@@ -99,6 +99,8 @@ def config_to_diffusers(cfg: ModelConfig) -> dict:
             "norm_elementwise_affine", "norm_eps", "spatial_interpolation_scale", "temporal_interpolation_scale",
             "use_rotary_positional_embeddings")
     out.update({k: getattr(cfg, k) for k in keep})
+    if cfg.rope_theta != 10000.0:  # not a diffusers field (its pipeline uses 10000): kept for our own reload
+        out["rope_theta"] = cfg.rope_theta
     out.update(_FIXED)
     out["dropout"] = 0.0
     return out
