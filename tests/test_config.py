@@ -16,7 +16,15 @@ def test_packaged_configs_load_and_validate():
         validate(load_config(name))
     big = load_config("model/5b")
     assert big.model.num_layers == 42 and big.model.inner_dim == 3072
-    assert load_config("model/2b").model.inner_dim == 1920
+    two = load_config("model/2b")
+    assert two.model.inner_dim == 1920
+    # each family's released latent scale (its VAE's scaling_factor) and SNR shift, also under a stage config
+    assert (two.data.latent_scale, two.diffusion.snr_shift_scale) == (1.15258426, 3.0)
+    assert (big.data.latent_scale, big.diffusion.snr_shift_scale) == (0.7, 1.0)
+    from cogvx_ds.config import _deep_merge, from_dict, load_yaml_dict
+
+    staged = from_dict(_deep_merge(load_yaml_dict("model/5b"), load_yaml_dict("stages/hq_finetune")))
+    assert (staged.data.latent_scale, staged.diffusion.snr_shift_scale) == (0.7, 1.0)
 
 
 def test_overrides_are_typed_and_nested(tmp_path):
