@@ -18,6 +18,7 @@ import tarfile
 import threading
 import time
 import warnings
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,13 @@ def scan_shard(path: Path) -> list[SampleRef]:
 
 
 def load_sample(ref: SampleRef) -> dict:
+    try:
+        return _read_sample(ref)
+    except Exception as e:  # a shard that went bad after the scan: say which sample, not just the decoder's words
+        raise ShardError(f"{ref.shard}: sample {ref.key!r} is unreadable: {type(e).__name__}: {e}") from e
+
+
+def _read_sample(ref: SampleRef) -> dict:
     out = {"key": ref.key}
     with open(ref.shard, "rb") as f:
         for suffix, offset, size in ref.members:
@@ -107,6 +115,7 @@ class GlobalPlan:
             raise ShardError(f"no readable samples in {len(shards)} shard(s): " + "; ".join(self.bad_shards[:3]))
         self.global_batch, self.seed, self.image_ratio = global_batch, seed, image_ratio
         self._epochs: dict[int, list[list[SampleRef]]] = {}
+        self._lengths: dict[int, int] = {}  # batches per epoch, for every epoch built so far
 
     def _batches(self, refs: list[SampleRef], gen: torch.Generator) -> list[list[SampleRef]]:
         order = torch.randperm(len(refs), generator=gen).tolist()
@@ -126,27 +135,32 @@ class GlobalPlan:
             if self.image_ratio is None:
                 batches = self._batches(self.refs, gen)
             else:  # explicit mix: each slot is an image batch with probability image_ratio, at random positions
-                images = self._batches([r for r in self.refs if r.is_image], gen)
-                videos = self._batches([r for r in self.refs if not r.is_image], gen)
+                images = deque(self._batches([r for r in self.refs if r.is_image], gen))
+                videos = deque(self._batches([r for r in self.refs if not r.is_image], gen))
                 batches = []
                 while images or videos:
                     pick_image = bool(images) and (not videos or torch.rand(1, generator=gen).item() < self.image_ratio)
-                    batches.append((images if pick_image else videos).pop(0))
+                    batches.append((images if pick_image else videos).popleft())
             if not batches:
                 raise ShardError(f"not one global batch of {self.global_batch} samples fits in one bucket; "
                                  f"buckets: {sorted({r.bucket for r in self.refs})}")
             self._epochs = {epoch: batches}  # keep one epoch in memory
+            self._lengths[epoch] = len(batches)
         return self._epochs[epoch]
 
     def batch(self, position: int) -> list[SampleRef]:
-        """The global batch at data position `position` (0-based count of global batches consumed)."""
+        """The global batch at data position `position` (0-based count of global batches consumed). Earlier epochs
+        count by their remembered lengths: each epoch is shuffled once, not once per batch of every later epoch."""
         epoch = 0
-        while True:
-            batches = self.epoch(epoch)
-            if position < len(batches):
-                return batches[position]
-            position -= len(batches)
+        while position >= self._length(epoch):
+            position -= self._length(epoch)
             epoch += 1
+        return self.epoch(epoch)[position]
+
+    def _length(self, epoch: int) -> int:
+        if epoch not in self._lengths:
+            self.epoch(epoch)
+        return self._lengths[epoch]
 
 
 def collate(samples: list[dict]) -> dict:
