@@ -8,12 +8,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def temp_path(path: str | os.PathLike) -> Path:
+    """A hidden temp file beside `path`, unique to this host and process (PIDs repeat across the nodes of a
+    cluster, and within containers), for writing `path` atomically."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` on a hidden temp file beside `path`, then rename it into place: readers see the old
     file or the whole new one, never a partial write (what resume logic relies on)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     write(tmp)
     os.replace(tmp, path)
 

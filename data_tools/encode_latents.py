@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from cogvx_ds.data.shards import ShardWriter, write_index
-from cogvx_ds.utils import atomic_write_text, local_gpu
+from cogvx_ds.utils import atomic_write_text, local_gpu, temp_path
 from data_tools.video_decode import (
     IMAGE_EXTS,
     VIDEO_EXTS,
@@ -317,7 +317,7 @@ class Encoder:
         from safetensors.torch import save_file
 
         emb, mask = self.text.empty_embedding()
-        tmp = out / f".{EMPTY_TEXT_NAME}.tmp-{os.getpid()}"
+        tmp = temp_path(out / EMPTY_TEXT_NAME)
         save_file({"embedding": emb[0].float().cpu().contiguous(), "mask": mask[0].cpu().contiguous()}, str(tmp))
         os.replace(tmp, out / EMPTY_TEXT_NAME)
 

@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from cogvx_ds.utils import temp_path
+
 KNOWN_SUFFIXES = ("latent.safetensors", "text.safetensors", "json")
 INDEX_NAME = "index.json"
 
@@ -58,7 +60,7 @@ class ShardWriter:
     def __init__(self, path: str | os.PathLike, latent_dtype: torch.dtype = torch.bfloat16):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.tmp = temp_path(self.path)
         self.tar = tarfile.open(self.tmp, "w")
         self.latent_dtype = latent_dtype
         self.count, self.buckets, self.keys = 0, Counter(), set()
@@ -158,7 +160,7 @@ def write_index(folder: str | os.PathLike, shard_entries: list[dict], extra: dic
     index = {"shards": sorted(shard_entries, key=lambda e: e["path"]),
              "num_samples": sum(e["num_samples"] for e in shard_entries), "bucket_histogram": dict(hist),
              **(extra or {})}
-    tmp = folder / f".{INDEX_NAME}.tmp-{os.getpid()}"
+    tmp = temp_path(folder / INDEX_NAME)
     tmp.write_text(json.dumps(index, indent=2, sort_keys=True))
     os.replace(tmp, folder / INDEX_NAME)
     return folder / INDEX_NAME
