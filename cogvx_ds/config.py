@@ -125,6 +125,7 @@ class TrainConfig:
     run_dir: str = "runs/default"
     stage: str = "lq_pretrain"
     init_from: str | None = None
+    resume_with_new_data: bool = False  # resume although the data plan changed (new/removed shards, seed, batch)
     allow_unsafe_pickle: bool = False  # an init_from SAT .pt that holds more than tensors (runs its code: trust it)
     max_steps: int = 1000
     micro_batch_size: int = 1

@@ -49,3 +49,18 @@ def test_a_sample_that_goes_bad_after_the_scan_is_named(shards, tmp_path):
         f.write((10**9).to_bytes(8, "little"))
     with pytest.raises(ShardError, match=f"{copy}: sample '{ref.key}' is unreadable"):
         load_sample(ref)
+
+
+def test_shards_unreadable_on_another_rank_are_dropped_everywhere(shards):
+    """Every rank plans from the same samples; the fingerprint a checkpoint keeps changes with them."""
+    plan = GlobalPlan(shards, global_batch=3, seed=0)
+    before = plan.fingerprint()
+    plan.drop_shards({str(shards[1])})
+    assert all(r.shard != shards[1] for r in plan.refs) and plan.bad_paths == [str(shards[1])]
+    after = plan.fingerprint()
+    assert after["samples"] == before["samples"] - 6 and after["unreadable_shards"] == 1
+    assert after["shards_sha256"] != before["shards_sha256"]
+    other = GlobalPlan(shards, global_batch=3, seed=0)
+    other.drop_shards({str(shards[1])})
+    assert other.fingerprint() == after
+    assert [[r.key for r in plan.batch(p)] for p in range(4)] == [[r.key for r in other.batch(p)] for p in range(4)]

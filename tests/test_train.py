@@ -385,3 +385,22 @@ def test_ema_resumes_onto_the_parameters_device(tmp_path):
     on_device.update()  # same device: no mismatch
     with pytest.raises(ValueError, match="weight has shape"):
         EMA(torch.nn.Linear(5, 3), decay=0.9).load(tmp_path / "ema.safetensors")
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_changed_data_plan_and_names_the_change(tmp_path):
+    """The checkpoint's data position indexes its plan's sequence of batches: a resume after shards were added
+    (or another seed / global batch) is refused, naming what changed, unless train.resume_with_new_data."""
+    data = make_shards(tmp_path / "d", n_video=8, per_shard=8)
+    run = tmp_path / "run"
+    train(*train_args(run, data, "train.max_steps=2"))
+    state = json.loads((run / "checkpoints" / "step00000002" / "trainer_state.json").read_text())
+    assert state["data_plan"]["samples"] == 8 and state["data_plan"]["global_batch"] == 2
+    data = make_shards(tmp_path / "d2", n_video=16, per_shard=8)  # the same first shard and one more
+    proc = train(*train_args(run, data, "train.max_steps=3"), check=False)
+    assert proc.returncode == 2 and "data plan changed" in proc.stderr and "samples 8 -> 16" in proc.stderr
+    assert "train.resume_with_new_data=true" in proc.stderr
+    assert [m["step"] for m in read_metrics(run)] == [1, 2]
+    proc = train(*train_args(run, data, "train.max_steps=3", "train.resume_with_new_data=true"))
+    assert "continuing on the new plan" in proc.stderr
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]

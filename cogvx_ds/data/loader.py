@@ -10,6 +10,7 @@ many ranks share it: DP=1 with batch 4 sees the same samples as DP=2 with batch 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -18,7 +19,7 @@ import tarfile
 import threading
 import time
 import warnings
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,18 +105,43 @@ class GlobalPlan:
     """Deterministic sequence of global batches (lists of SampleRef), epoch after epoch."""
 
     def __init__(self, shards: list[Path], global_batch: int, seed: int, image_ratio: float | None = None):
-        self.refs, self.bad_shards = [], []
+        self.refs, self.bad_shards, self.bad_paths = [], [], []
         for shard in shards:
             try:
                 self.refs += scan_shard(shard)
             except ShardError as e:
                 self.bad_shards.append(str(e))
+                self.bad_paths.append(str(shard))
                 warnings.warn(f"skipping shard: {e}", stacklevel=2)
         if not self.refs:
             raise ShardError(f"no readable samples in {len(shards)} shard(s): " + "; ".join(self.bad_shards[:3]))
         self.global_batch, self.seed, self.image_ratio = global_batch, seed, image_ratio
         self._epochs: dict[int, list[list[SampleRef]]] = {}
         self._lengths: dict[int, int] = {}  # batches per epoch, for every epoch built so far
+
+    def drop_shards(self, paths) -> None:
+        """Skip these shards too (another rank could not read them): every rank must plan from the same samples,
+        or the DP slices stop partitioning one global batch and TP/SP peers load different samples."""
+        paths = set(map(str, paths)) - set(self.bad_paths)
+        if not paths:
+            return
+        self.refs = [r for r in self.refs if str(r.shard) not in paths]
+        for path in sorted(paths):
+            self.bad_paths.append(path)
+            self.bad_shards.append(f"{path}: unreadable on another rank")
+        if not self.refs:
+            raise ShardError("no readable samples left: " + "; ".join(self.bad_shards[:3]))
+        self._epochs.clear()
+        self._lengths.clear()
+
+    def fingerprint(self) -> dict:
+        """What decides the sequence of global batches; a resume from a data position is exact only under the same.
+        Shards by file name and sample count, so a data folder may move."""
+        counts = Counter(r.shard.name for r in self.refs)
+        listing = json.dumps(sorted(counts.items()) + sorted(Path(p).name for p in self.bad_paths))
+        return {"samples": len(self.refs), "shards": len(counts), "unreadable_shards": len(self.bad_paths),
+                "seed": self.seed, "image_ratio": self.image_ratio, "global_batch": self.global_batch,
+                "shards_sha256": hashlib.sha256(listing.encode()).hexdigest()[:16]}
 
     def _batches(self, refs: list[SampleRef], gen: torch.Generator) -> list[list[SampleRef]]:
         order = torch.randperm(len(refs), generator=gen).tolist()

@@ -191,6 +191,8 @@ class Trainer:
         self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.global_batch = state.dp_size() * cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps
         self.plan = GlobalPlan(self.shards, self.global_batch, cfg.data.seed, cfg.data.image_ratio)
+        self._agree_on_shards()
+        self._check_data_plan()
         self.stop_signal = None
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
@@ -426,7 +428,7 @@ class Trainer:
         dist.barrier()  # every rank has written its part
         if self.is_main:
             trainer_state = {"step": step, "data_position": position, "config_hash": config_hash(self.cfg),
-                             **self._layout(),
+                             **self._layout(), "data_plan": self.plan.fingerprint(),
                              "rng": "stateless: draws are keyed by (train.seed, step, global sample index)",
                              "nonfinite_skipped": self.nonfinite_total}
             atomic_write_text(self.ckpt_dir / tag / "trainer_state.json", json.dumps(trainer_state, indent=2))
@@ -476,6 +478,30 @@ class Trainer:
                 f"{self.run_dir} --checkpoint {tag} ..., launched like the training) and start a new "
                 f"train.run_dir with train.init_from=<export>/transformer")
         return tag, st
+
+    def _agree_on_shards(self) -> None:
+        """A shard one rank could not read (a transient I/O error) is skipped by every rank."""
+        everyone = [None] * self.world
+        dist.all_gather_object(everyone, self.plan.bad_paths)
+        self.plan.drop_shards({p for paths in everyone for p in paths})
+
+    def _check_data_plan(self) -> None:
+        """A resume continues at a data position of the checkpoint's plan: refuse one whose plan differs (shards
+        added, removed or unreadable, another seed, image ratio or global batch), naming what changed."""
+        if self.resume_from is None:
+            return
+        tag, st = self.resume_from
+        saved, now = st.get("data_plan"), self.plan.fingerprint()
+        if saved is None or saved == now:
+            return
+        changed = ", ".join(f"{k} {saved.get(k)} -> {now[k]}" for k in now if saved.get(k) != now[k])
+        if not self.cfg.train.resume_with_new_data:
+            raise ValueError(f"{self.ckpt_dir / tag}: the data plan changed since this checkpoint ({changed}), so its "
+                             f"data position {st['data_position']} would point into another sequence of batches. "
+                             f"Restore the data, or pass train.resume_with_new_data=true to continue on the new plan")
+        if self.is_main:
+            print(f"note: data plan changed ({changed}); continuing on the new plan (train.resume_with_new_data)",
+                  file=sys.stderr, flush=True)
 
     def _resume(self) -> tuple[int, int]:
         if self.resume_from is None:
