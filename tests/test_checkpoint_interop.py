@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -54,6 +55,18 @@ def test_sharded_checkpoints_both_ways(tmp_path):
     for key, value in ref.state_dict().items():
         torch.testing.assert_close(reloaded.state_dict()[key], value, rtol=0, atol=0)
     assert rel_err(_out(CogVideoXTransformer.from_diffusers(tmp_path / "ours"), "2b"), expected) == 0
+    # saving other weights into the same folder as one file leaves no stale shards or index behind
+    other = CogVideoXTransformer.from_diffusers(tmp_path / "ours")
+    with torch.no_grad():
+        other.proj_out.weight.add_(1.0)
+    other.save_diffusers(tmp_path / "ours")
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["config.json", WEIGHTS_NAME]
+    reread = CogVideoXTransformer3DModel.from_pretrained(tmp_path / "ours").state_dict()["proj_out.weight"]
+    torch.testing.assert_close(reread, ref.state_dict()["proj_out.weight"] + 1.0, rtol=0, atol=0)
+    # two weight files holding the same key, without an index: refused, not silently merged
+    shutil.copy(tmp_path / "ours" / WEIGHTS_NAME, tmp_path / "ours" / "diffusion_pytorch_model.fp16.safetensors")
+    with pytest.raises(ValueError, match="is in both diffusion_pytorch_model.fp16.safetensors and"):
+        CogVideoXTransformer.from_diffusers(tmp_path / "ours")
 
 
 @pytest.mark.parametrize("kind", ["2b", "5b"])

@@ -45,7 +45,11 @@ class LazySafetensors(Mapping):
             self._where = {}
             for f in files:
                 with safe_open(str(f), framework="pt") as sf:
-                    self._where.update({k: f for k in sf.keys()})
+                    for k in sf.keys():
+                        if k in self._where:  # e.g. a .fp16 variant beside the weights: which one is meant?
+                            raise ValueError(f"{folder}: {k!r} is in both {self._where[k].name} and {f.name}; "
+                                             f"keep one set of weights per folder (or an index.json naming them)")
+                        self._where[k] = f
 
     def __getitem__(self, key: str) -> torch.Tensor:
         with safe_open(str(self._where[key]), framework="pt") as sf:
@@ -137,6 +141,8 @@ def save_transformer(model, path, max_shard_size: int = 5 * 1024**3, dtype: torc
         return
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("diffusion_pytorch_model*.safetensors*"):  # an earlier save's shards or index
+        old.unlink()  # would be read (an index) or merged (more files) with the new weights
     shards = _shards(sd, max_shard_size)
     if len(shards) == 1:
         names = [WEIGHTS_NAME]
