@@ -153,3 +153,20 @@ def test_training_init_from_an_unsafe_sat_pickle_needs_train_allow_unsafe_pickle
     init_weights(model, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, allow_unsafe_pickle=True)))
     want = ref.state_dict()["proj_out.weight"]
     assert torch.equal(model.state_dict()["proj_out.weight"], want)
+
+
+def test_training_init_from_weights_of_the_other_family_is_refused(tmp_path):
+    """CogVideoX-2b weights (sin-cos positions) have the same shapes as a RoPE model's: loading them into a 5B-style
+    config would train with other positions and say nothing. The check names the field on both sides."""
+    from cogvx_ds.config import Config, TrainConfig
+    from cogvx_ds.train.trainer import init_weights
+
+    make_reference("2b").save_pretrained(tmp_path / "2b")
+    model_cfg = ModelConfig(**CONFIGS["5b"])
+    cfg = Config(model=model_cfg, train=TrainConfig(init_from=str(tmp_path / "2b")))
+    with pytest.raises(ValueError, match="use_rotary_positional_embeddings: False there, True here"):
+        init_weights(CogVideoXTransformer(model_cfg), cfg)
+    two = ModelConfig(**CONFIGS["2b"])
+    model = CogVideoXTransformer(two)
+    init_weights(model, dataclasses.replace(cfg, model=two))  # the matching family loads
+    assert torch.equal(model.state_dict()["proj_out.weight"], make_reference("2b").state_dict()["proj_out.weight"])

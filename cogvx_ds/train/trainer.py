@@ -161,8 +161,28 @@ def init_weights(model, cfg: Config) -> None:
         name = f"SAT checkpoint {path}"
     else:
         folder = _model_folder(path)
+        _check_same_maths(folder, cfg.model)
         source, name = LazySafetensors(folder), str(folder)
     load_full_state_dict(model, source, source_name=name)
+
+
+# Fields that change what the weights compute without changing any tensor shape (a shape mismatch is caught by the
+# loader): weights trained under other values would load without a word and give other outputs.
+_MATHS_FIELDS = ("use_rotary_positional_embeddings", "spatial_interpolation_scale", "temporal_interpolation_scale",
+                 "norm_eps", "flip_sin_to_cos", "freq_shift", "rope_theta", "temporal_compression_ratio")
+
+
+def _check_same_maths(folder: Path, model_cfg) -> None:
+    from cogvx_ds.checkpoint.diffusers_io import config_from_diffusers
+
+    path = folder / "config.json"
+    theirs = config_from_diffusers(json.loads(path.read_text()), str(path))
+    differ = [f for f in _MATHS_FIELDS if getattr(theirs, f) != getattr(model_cfg, f)]
+    if differ:
+        pairs = ", ".join(f"{f}: {getattr(theirs, f)!r} there, {getattr(model_cfg, f)!r} here" for f in differ)
+        raise ValueError(f"train.init_from {folder}: its config.json differs from this run's model config in what the "
+                         f"weights compute ({pairs}); use the matching model config (model/2b for CogVideoX-2b, "
+                         f"model/5b for -5b) or set these model.* fields")
 
 
 class Trainer:
