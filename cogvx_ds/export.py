@@ -123,6 +123,8 @@ def main(argv=None) -> int:
     ap.add_argument("--text-encoder", required=True, help="text encoder folder (with its tokenizer)")
     ap.add_argument("--checkpoint", help="'latest' or a tag like step00001000: export that DeepSpeed checkpoint "
                                          "instead of final_model/ (launch with the training layout)")
+    ap.add_argument("--ema", action="store_true",
+                    help="export the EMA weights (final_model_ema/, written when train.ema_decay is set)")
     # the deepspeed launcher appends --local_rank=N (and sets LOCAL_RANK, which is what is read)
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -134,6 +136,9 @@ def main(argv=None) -> int:
         check_exportable(cfg)
     except ValueError as e:
         ap.error(str(e))
+    if args.ema and args.checkpoint:
+        ap.error("--ema exports final_model_ema/; a --checkpoint holds the EMA as per-rank shards: export after the "
+                 "run finishes")
     if args.checkpoint:
         export_transformer_from_checkpoint(run, out, args.checkpoint)
         import torch.distributed as dist
@@ -145,9 +150,11 @@ def main(argv=None) -> int:
         if rank != 0:
             return 0
     else:
-        if not (run / "final_model" / "config.json").is_file():
-            ap.error(f"{run} has no final_model/ yet; pass --checkpoint latest to export its last checkpoint")
-        _copy_tree(run / "final_model", out / "transformer")
+        final = run / ("final_model_ema" if args.ema else "final_model")
+        if not (final / "config.json").is_file():
+            ap.error(f"{run} has no final_model_ema/ (the run had no train.ema_decay, or has not finished)" if args.ema
+                     else f"{run} has no final_model/ yet; pass --checkpoint latest to export its last checkpoint")
+        _copy_tree(final, out / "transformer")
     set_training_sample_size(out / "transformer", cfg)
     write_pipeline_parts(out, cfg.diffusion, Path(args.vae), Path(args.text_encoder), cfg.data.latent_scale)
     print(f"wrote {out} ({PIPELINE_CLASS}: transformer, vae, text_encoder, tokenizer, scheduler)")

@@ -193,3 +193,19 @@ def test_sample_cli_wrong_model_path_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "cogvx_ds.sample", f"--model={tmp_path / 'nowhere'}", "--prompt=x"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_export_ema_weights(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir / "run", run)
+    args = [sys.executable, "-m", "cogvx_ds.export", f"--run-dir={run}", f"--vae={run_dir / 'vae'}",
+            f"--text-encoder={run_dir / 't5'}", "--ema"]
+    proc = subprocess.run([*args, f"--out={tmp_path / 'o1'}"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "has no final_model_ema/" in proc.stderr
+    ema = CogVideoXTransformer.from_diffusers(run / "final_model")
+    with torch.no_grad():
+        ema.proj_out.weight.mul_(0.5)
+    ema.save_diffusers(run / "final_model_ema")
+    subprocess.run([*args, f"--out={tmp_path / 'o2'}"], check=True, capture_output=True)
+    got = CogVideoXTransformer.from_diffusers(tmp_path / "o2" / "transformer").proj_out.weight
+    assert torch.equal(got, ema.proj_out.weight)
