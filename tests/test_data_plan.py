@@ -64,3 +64,11 @@ def test_shards_unreadable_on_another_rank_are_dropped_everywhere(shards):
     other.drop_shards({str(shards[1])})
     assert other.fingerprint() == after
     assert [[r.key for r in plan.batch(p)] for p in range(4)] == [[r.key for r in other.batch(p)] for p in range(4)]
+
+
+def test_buckets_smaller_than_a_global_batch_are_reported(tmp_path):
+    folder = make_shards(tmp_path / "s", n_video=12, n_image=2, per_shard=7)
+    with pytest.warns(UserWarning, match=r"2 sample\(s\) in bucket\(s\) smaller than the global batch of 3"):
+        plan = GlobalPlan(resolve_shards([str(folder)]), global_batch=3, seed=0)
+    assert plan.small_buckets == {"1x8x8": 2}
+    assert all(r.bucket == "3x8x8" for p in range(8) for r in plan.batch(p))  # the images never come

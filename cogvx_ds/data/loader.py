@@ -116,8 +116,18 @@ class GlobalPlan:
         if not self.refs:
             raise ShardError(f"no readable samples in {len(shards)} shard(s): " + "; ".join(self.bad_shards[:3]))
         self.global_batch, self.seed, self.image_ratio = global_batch, seed, image_ratio
+        self.small_buckets = self._small_buckets()
         self._epochs: dict[int, list[list[SampleRef]]] = {}
         self._lengths: dict[int, int] = {}  # batches per epoch, for every epoch built so far
+
+    def _small_buckets(self) -> dict[str, int]:
+        """Buckets with fewer samples than one global batch: a batch holds one bucket, so these never train."""
+        counts = Counter(r.bucket for r in self.refs)
+        small = {b: n for b, n in sorted(counts.items()) if n < self.global_batch}
+        if small:
+            warnings.warn(f"{sum(small.values())} sample(s) in bucket(s) smaller than the global batch of "
+                          f"{self.global_batch} will never be trained: {small}", stacklevel=3)
+        return small
 
     def drop_shards(self, paths) -> None:
         """Skip these shards too (another rank could not read them): every rank must plan from the same samples,
@@ -133,6 +143,7 @@ class GlobalPlan:
             raise ShardError("no readable samples left: " + "; ".join(self.bad_shards[:3]))
         self._epochs.clear()
         self._lengths.clear()
+        self.small_buckets = self._small_buckets()
 
     def fingerprint(self) -> dict:
         """What decides the sequence of global batches; a resume from a data position is exact only under the same.
@@ -153,7 +164,7 @@ class GlobalPlan:
             if len(pool) == self.global_batch:
                 batches.append(pool)
                 pools[refs[i].bucket] = []
-        return batches  # leftovers smaller than a global batch wait for the next epoch's shuffle
+        return batches  # each bucket's leftover (< a global batch) sits this epoch out; the next reshuffles
 
     def epoch(self, epoch: int) -> list[list[SampleRef]]:
         if epoch not in self._epochs:
