@@ -7,11 +7,22 @@ from pathlib import Path
 
 
 def _truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drop lines past the resumed step: a killed run may have logged steps its checkpoint does not hold."""
+    """Drop lines past the resumed step: a killed run may have logged steps its checkpoint does not hold, and a
+    last line cut short by the kill. The lines are in step order, so the file is cut at the first such line in
+    place (one truncate, no rewrite of what may be gigabytes of sample order)."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in keep))
+    with open(path, "r+b") as f:
+        offset = 0
+        for line in f:
+            try:
+                past = json.loads(line)["step"] > last_step if line.strip() else False
+            except (ValueError, KeyError, TypeError):  # a partial line from a kill mid-write
+                past = True
+            if past or not line.endswith(b"\n"):
+                f.truncate(offset)
+                return
+            offset += len(line)
 
 
 class MetricsLogger:
