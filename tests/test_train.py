@@ -404,3 +404,32 @@ def test_resume_refuses_a_changed_data_plan_and_names_the_change(tmp_path):
     proc = train(*train_args(run, data, "train.max_steps=3", "train.resume_with_new_data=true"))
     assert "continuing on the new plan" in proc.stderr
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_checkpoint_with_a_missing_file(tmp_path):
+    """DeepSpeed only warns when a rank's optimizer state is missing and trains on from the bf16 weights; the
+    trainer checks the checkpoint's files against what it wrote and stops, naming them."""
+    data = make_shards(tmp_path / "d", n_video=8, per_shard=8)
+    run = tmp_path / "run"
+    train(*train_args(run, data, "train.max_steps=2"))
+    tag = run / "checkpoints" / "step00000002"
+    written = json.loads((tag / "trainer_state.json").read_text())["files"]
+    optim = [name for name in written if name.endswith("optim_states.pt")]
+    assert optim and all((tag / name).stat().st_size == size for name, size in written.items())
+    (tag / optim[0]).unlink()
+    proc = train(*train_args(run, data, "train.max_steps=3"), check=False)
+    assert proc.returncode == 2 and "1 file(s) missing" in proc.stderr and optim[0] in proc.stderr, proc.stderr[-2000:]
+    assert [m["step"] for m in read_metrics(run)] == [1, 2]
+
+
+def test_zero3_without_reduce_scatter_under_sp_is_refused(tmp_path):
+    from cogvx_ds.config import load_config
+    from cogvx_ds.train.trainer import build_ds_config
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_scatter": False}}))
+    cfg = load_config("tiny", [f"train.ds_config={ds}", "train.zero_stage=3", "parallel.sequence_parallel=2"])
+    with pytest.raises(ValueError, match="reduce_scatter = false with ZeRO-3"):
+        build_ds_config(cfg)
+    build_ds_config(load_config("tiny", [f"train.ds_config={ds}", "train.zero_stage=3"]))  # fine without SP

@@ -69,6 +69,14 @@ def build_ds_config(cfg: Config) -> dict:
     })
     ds.pop("train_batch_size", None)  # DeepSpeed derives it; its "data parallel" size here is DP x SP
     ds["zero_optimization"].setdefault("stage", t.zero_stage)
+    zero = ds["zero_optimization"]
+    if zero["stage"] == 3 and cfg.parallel.sequence_parallel > 1 and zero.get("reduce_scatter", True) is False:
+        # ZeRO-3 then averages a gradient over DP only or over DP x SP depending on the parameter's size (the
+        # all-reduce path vs the reduce-scatter fallback for parameters above reduce_bucket_size): no one loss
+        # scale is right for all of them (ours assumes DP x SP, see Trainer._sp_loss_factor)
+        raise ValueError(f"train.ds_config: zero_optimization.reduce_scatter = false with ZeRO-3 and "
+                         f"parallel.sequence_parallel = {cfg.parallel.sequence_parallel} would scale some gradients "
+                         f"by SP; remove it (the default, true, is what the trainer's loss scaling assumes)")
     return ds
 
 
@@ -100,6 +108,11 @@ def config_hash(cfg: Config) -> str:
                        "cpu_attention", "compile_blocks"):  # same maths either way
         d["model"].pop(speed_only)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    """Every file under a checkpoint folder (relative path -> bytes), as written; checked before a resume."""
+    return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
 def _zero_kind(stage) -> str:
@@ -411,6 +424,8 @@ class Trainer:
                     return REQUEUE_EXIT_CODE
             self.model.save_diffusers(self.run_dir / "final_model")
             if self.ema is not None:
+                # keep this after the save above: under ZeRO-3 `swapped_in` replaces the partitions only, and the
+                # small persistent parameters are re-partitioned (so that the EMA's reach the gather) by that save
                 with self.ema.swapped_in():
                     self.model.save_diffusers(self.run_dir / "final_model_ema")
         finally:
@@ -447,8 +462,9 @@ class Trainer:
             self.ema.save(self.ckpt_dir / tag / f"ema_rank{self.rank:05d}.safetensors")
         dist.barrier()  # every rank has written its part
         if self.is_main:
+            files = _file_sizes(self.ckpt_dir / tag)
             trainer_state = {"step": step, "data_position": position, "config_hash": config_hash(self.cfg),
-                             **self._layout(), "data_plan": self.plan.fingerprint(),
+                             **self._layout(), "data_plan": self.plan.fingerprint(), "files": files,
                              "rng": "stateless: draws are keyed by (train.seed, step, global sample index)",
                              "nonfinite_skipped": self.nonfinite_total}
             atomic_write_text(self.ckpt_dir / tag / "trainer_state.json", json.dumps(trainer_state, indent=2))
@@ -477,6 +493,12 @@ class Trainer:
                                     f"is damaged; point {latest} at an intact step* checkpoint or use a new "
                                     f"train.run_dir")
         st = json.loads(state_file.read_text())
+        present = _file_sizes(self.ckpt_dir / tag)
+        damaged = sorted(n for n, size in st.get("files", {}).items() if present.get(n) != size)
+        if damaged:  # DeepSpeed would warn and go on without that rank's optimizer and fp32 master state
+            raise FileNotFoundError(f"{self.ckpt_dir / tag}: {len(damaged)} file(s) missing or of another size than "
+                                    f"written: {', '.join(damaged[:4])}; restore them, or point {latest} at an "
+                                    f"intact step* checkpoint")
         if st["config_hash"] != config_hash(self.cfg):
             raise ValueError(f"{self.ckpt_dir / tag}: model/diffusion config differs from the checkpoint's; "
                              f"use a new train.run_dir, or train.init_from to start from its weights")
@@ -504,6 +526,16 @@ class Trainer:
         everyone = [None] * self.world
         dist.all_gather_object(everyone, self.plan.bad_paths)
         self.plan.drop_shards({p for paths in everyone for p in paths})
+        # and every rank listed the same shards (a folder still being filled by encode_latents, or file system
+        # caches that differ between nodes, would give ranks different plans: DP slices overlapping, TP/SP peers
+        # on different samples)
+        plans = [None] * self.world
+        dist.all_gather_object(plans, self.plan.fingerprint())
+        if any(p != plans[0] for p in plans):
+            first = next(r for r, p in enumerate(plans) if p != plans[0])
+            raise ValueError(f"data.shards: ranks see different data (rank 0: {plans[0]}; rank {first}: "
+                             f"{plans[first]}); wait until the shards are complete (index.json written) and "
+                             f"visible on every node")
 
     def _check_data_plan(self) -> None:
         """A resume continues at a data position of the checkpoint's plan: refuse one whose plan differs (shards
@@ -527,7 +559,11 @@ class Trainer:
         if self.resume_from is None:
             return 0, 0
         tag, st = self.resume_from
-        self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        load_path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        if load_path is None:  # DeepSpeed only warns, then trains on without this rank's optimizer / fp32 state
+            raise RuntimeError(f"rank {self.rank}: DeepSpeed could not load {self.ckpt_dir / tag} (see its warning "
+                               f"above: a file of the checkpoint is missing or unreadable); not resuming on partial "
+                               f"state")
         if self.ema is not None:
             self.ema.load(self.ckpt_dir / tag / f"ema_rank{self.rank:05d}.safetensors")
         if self.is_main:
