@@ -59,6 +59,25 @@ def _copy_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst)
 
 
+def _text_encoder_roots(text_encoder: Path) -> tuple[Path, Path]:
+    te_root = text_encoder if not (text_encoder / "text_encoder").is_dir() else text_encoder / "text_encoder"
+    tok_root = te_root if (te_root / "tokenizer_config.json").is_file() else text_encoder / "tokenizer"
+    return te_root, tok_root
+
+
+def check_pipeline_inputs(vae: Path, text_encoder: Path) -> None:
+    """FileNotFoundError naming the argument, before anything is written."""
+    if not (vae / "config.json").is_file():
+        raise FileNotFoundError(f"--vae {vae}: not a diffusers VAE folder (no config.json)")
+    te_root, tok_root = _text_encoder_roots(text_encoder)
+    if not (te_root / "config.json").is_file():
+        raise FileNotFoundError(f"--text-encoder {text_encoder}: no config.json (a transformers model folder, or "
+                                f"one with text_encoder/ and tokenizer/)")
+    if not (tok_root / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"--text-encoder {text_encoder}: no tokenizer_config.json (next to the model or in "
+                                f"tokenizer/)")
+
+
 def write_pipeline_parts(out: Path, diffusion: DiffusionConfig, vae: Path, text_encoder: Path,
                          latent_scale: float | None = None) -> None:
     """Everything but the transformer: VAE, text encoder + tokenizer, scheduler, model_index.json.
@@ -68,15 +87,13 @@ def write_pipeline_parts(out: Path, diffusion: DiffusionConfig, vae: Path, text_
     """
     from cogvx_ds.models.vae import CogVideoXVAE
 
+    check_pipeline_inputs(vae, text_encoder)
     out.mkdir(parents=True, exist_ok=True)
     vae_model = CogVideoXVAE.from_diffusers(vae)
     if latent_scale is not None:
         vae_model.config.scaling_factor = float(latent_scale)
     vae_model.save_diffusers(out / "vae")
-    te_root = text_encoder if not (text_encoder / "text_encoder").is_dir() else text_encoder / "text_encoder"
-    tok_root = te_root if (te_root / "tokenizer_config.json").is_file() else text_encoder / "tokenizer"
-    if not (tok_root / "tokenizer_config.json").is_file():
-        raise FileNotFoundError(f"{text_encoder}: no tokenizer_config.json (next to the model or in tokenizer/)")
+    te_root, tok_root = _text_encoder_roots(text_encoder)
     _copy_tree(te_root, out / "text_encoder")
     _copy_tree(tok_root, out / "tokenizer")
     te_class = json.loads((out / "text_encoder" / "config.json").read_text()).get("architectures", ["T5EncoderModel"])[0]
@@ -134,7 +151,8 @@ def main(argv=None) -> int:
     cfg = load_config(run / "config.yaml")
     try:
         check_exportable(cfg)
-    except ValueError as e:
+        check_pipeline_inputs(Path(args.vae), Path(args.text_encoder))
+    except (ValueError, FileNotFoundError) as e:
         ap.error(str(e))
     if args.ema and args.checkpoint:
         ap.error("--ema exports final_model_ema/; a --checkpoint holds the EMA as per-rank shards: export after the "

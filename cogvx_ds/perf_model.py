@@ -374,6 +374,11 @@ def main(argv=None) -> int:
     own.add_argument("--recompute-gelu", action="store_true", help="model.recompute_gelu (matters without ckpt)")
     own.add_argument("--micro-batch", type=int, default=None, help="samples per GPU per step (default 1)")
     args = ap.parse_args(argv)
+    if args.frames < 1 or (args.frames - 1) % 4:
+        ap.error(f"--frames must be 4k+1 (1, 5, ..., 49), got {args.frames}")
+    for flag, px in (("--height", args.height), ("--width", args.width)):
+        if px < 16 or px % 16:
+            ap.error(f"{flag} must be a positive multiple of 16 (VAE 8x, patch 2), got {px}")
     clip = Clip(args.frames, args.height, args.width)
     custom = [args.model, args.gpus, args.sp, args.tp, args.zero, args.offload, args.micro_batch]
     if all(v is None for v in custom) and not (args.no_ckpt or args.recompute_gelu):

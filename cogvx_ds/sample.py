@@ -90,15 +90,8 @@ def generate(dit, vae, encoder, prompts: list[str], *, frames: int, height: int,
     from cogvx_ds.diffusion import NoiseSchedule, noise_from_seeds, sample
 
     cfg = dit.config
-    side = vae.config.spatial_ratio * cfg.patch_size  # one transformer patch, in pixels
-    if (frames - 1) % cfg.temporal_compression_ratio or height % side or width % side:
-        raise ValueError(f"frames must be {cfg.temporal_compression_ratio}k+1 and height/width multiples of {side} "
-                         f"(VAE {vae.config.spatial_ratio}x times patch {cfg.patch_size}), got {frames}x{height}x{width}")
+    check_size(dit, vae, frames, height, width)
     lat_frames = (frames - 1) // cfg.temporal_compression_ratio + 1
-    if lat_frames > 1 and lat_frames % 2 == 0:
-        # The causal VAE decoder upsamples time only for odd latent counts (1 + 2m): k+1 even would decode to
-        # 4(k+1) frames, not the 4k+1 asked for. CogVideoX itself samples 49 frames = 13 latent frames.
-        raise ValueError(f"--frames {frames} gives {lat_frames} latent frames; use 8m+1 frames (9, 17, 25, ..., 49)")
     schedule = schedule or NoiseSchedule.cogvideox()
     scale = latent_scale if latent_scale is not None else vae.scaling_factor
     seeds = seeds if seeds is not None else list(range(len(prompts)))
@@ -123,6 +116,22 @@ def generate(dit, vae, encoder, prompts: list[str], *, frames: int, height: int,
     return vae.decode(z.to(vae.dtype)).float().clamp(-1, 1)
 
 
+def check_size(dit, vae, frames: int, height: int, width: int) -> None:
+    """ValueError unless the VAE and the transformer can make a video of this size."""
+    cfg = dit.config
+    side = vae.config.spatial_ratio * cfg.patch_size  # one transformer patch, in pixels
+    if frames < 1 or height < side or width < side or (frames - 1) % cfg.temporal_compression_ratio \
+            or height % side or width % side:
+        raise ValueError(f"--frames must be {cfg.temporal_compression_ratio}k+1 and --height / --width positive "
+                         f"multiples of {side} (VAE {vae.config.spatial_ratio}x times patch {cfg.patch_size}), got "
+                         f"{frames}x{height}x{width}")
+    lat_frames = (frames - 1) // cfg.temporal_compression_ratio + 1
+    if lat_frames > 1 and lat_frames % 2 == 0:
+        # The causal VAE decoder upsamples time only for odd latent counts (1 + 2m): k+1 even would decode to
+        # 4(k+1) frames, not the 4k+1 asked for. CogVideoX itself samples 49 frames = 13 latent frames.
+        raise ValueError(f"--frames {frames} gives {lat_frames} latent frames; use 8m+1 frames (9, 17, 25, ..., 49)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cogvx_ds.sample", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,17 +140,18 @@ def main(argv=None) -> int:
     ap.add_argument("--text-encoder", help="text encoder folder (default: <model>/text_encoder)")
     ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     ap.add_argument("--prompts-file", help="a text file with one prompt per line")
-    ap.add_argument("--out", default="samples", help="output folder for the mp4 files and samples.json")
-    ap.add_argument("--frames", type=int, default=49, help="pixel frames, 4k+1")
-    ap.add_argument("--height", type=int, default=480)
-    ap.add_argument("--width", type=int, default=720)
-    ap.add_argument("--steps", type=int, default=50, help="denoising steps")
+    ap.add_argument("--out", default="samples", help="output folder for the mp4 files and samples.json (default: samples)")
+    ap.add_argument("--frames", type=int, default=49,
+                    help="pixel frames, 8m+1 for CogVideoX's VAE: 9, 17, ..., 49 (default: 49); 1 = an image")
+    ap.add_argument("--height", type=int, default=480, help="pixels, a multiple of 16 (default: 480)")
+    ap.add_argument("--width", type=int, default=720, help="pixels, a multiple of 16 (default: 720)")
+    ap.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
     ap.add_argument("--sampler", default="ddim", choices=["ddim", "dpm++", "dpm++ode"])
-    ap.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (1 = off)")
+    ap.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale, 1 = off (default: 6)")
     ap.add_argument("--dynamic-guidance", action="store_true", help="CogVideoX's cosine ramp of the guidance scale")
     ap.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed+i")
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--fps", type=float, default=8.0)
+    ap.add_argument("--batch-size", type=int, default=4, help="prompts sampled at once (default: 4)")
+    ap.add_argument("--fps", type=float, default=8.0, help="frame rate written into the mp4s (default: 8)")
     ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if this PyTorch sees a GPU)")
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                     help="transformer dtype (default: bf16 on a GPU, fp32 on the CPU)")
@@ -152,8 +162,17 @@ def main(argv=None) -> int:
 
     tune_malloc()
 
+    for name in ("frames", "height", "width", "steps", "batch_size"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.fps > 0:
+        ap.error(f"--fps must be > 0, got {args.fps}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        ap.error(f"--out {args.out} is a file; give a folder for the mp4s")
     prompts = list(args.prompt)
     if args.prompts_file:
+        if not Path(args.prompts_file).is_file():
+            ap.error(f"--prompts-file {args.prompts_file}: no such file (one prompt per line)")
         prompts += [p.strip() for p in Path(args.prompts_file).read_text().splitlines() if p.strip()]
     if not prompts:
         ap.error("give --prompt or --prompts-file")
@@ -173,6 +192,7 @@ def main(argv=None) -> int:
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     try:
         dit, vae, encoder = load_components(args.model, args.vae, args.text_encoder, dtype, device)
+        check_size(dit, vae, args.frames, args.height, args.width)  # before minutes of sampling, not after
         latent_scale, schedule = training_settings(args.model)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -54,6 +54,13 @@ def build_config(config_file: str | None, overrides: list[str]) -> VAETrainConfi
     if unknown:
         where = config_file or "overrides"
         raise ValueError(f"{where}: unknown VAE training config field(s) {unknown}; valid: {sorted(names)}")
+    from cogvx_ds.models.vae import CogVideoXVAEConfig
+
+    model_names = {f.name for f in dataclasses.fields(CogVideoXVAEConfig)}
+    bad_model = sorted(set(values.get("model") or {}) - model_names)
+    if bad_model:  # would otherwise train, and land in the exported config.json
+        raise ValueError(f"{config_file or 'overrides'}: unknown VAE model field(s) {['model.' + k for k in bad_model]}; "
+                         f"valid: {sorted(model_names)}")
     if "betas" in values:
         values["betas"] = tuple(values["betas"])
     return VAETrainConfig(**values)

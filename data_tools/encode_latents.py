@@ -130,6 +130,10 @@ def _list_items(videos: Path, prompts: Path | None) -> list[InputItem]:
         raise FileNotFoundError(f"--prompts: {prompts} not found (captions for {videos}, one per line)")
     lines = videos.read_text().splitlines()
     captions = prompts.read_text().splitlines()  # aligned by line number with videos.txt
+    n_videos, n_captions = len("\n".join(lines).rstrip().splitlines()), len("\n".join(captions).rstrip().splitlines())
+    if n_videos != n_captions:  # a line added or lost on one side shifts every caption after it
+        raise ValueError(f"--prompts: {prompts} has {n_captions} lines but {videos} has {n_videos}; they pair by line "
+                         f"number (blank lines included), so every caption after the first difference would be wrong")
     listed = [n for n, line in enumerate(lines) if line.strip()]
     return [_make_item(i, videos.parent, lines[n], captions[n] if n < len(captions) else None,
                        where=f"{videos}:{n + 1}") for i, n in enumerate(listed)]
@@ -644,6 +648,10 @@ def main(argv=None) -> int:
         return 1
     if args.summary_json:
         atomic_write_text(Path(args.summary_json), json.dumps(summary, indent=2))
+    if summary.get("inputs") and not summary.get("clips"):
+        print(f"encode_latents: error: all {summary['inputs']} input(s) were rejected ({summary['reject_reasons']}); "
+              f"see rejects.jsonl in {args.out}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -396,3 +396,15 @@ def test_pyav_fallback_reads_the_same_frames_as_decord(tmp_path, vae_dir):
         assert s.meta["backend"] == "pyav" and runs["decord"][key].meta["backend"] == "decord"
         assert s.meta["clip"] == runs["decord"][key].meta["clip"]
         assert torch.equal(s.mean, runs["decord"][key].mean)
+
+
+def test_all_inputs_rejected_fails_and_misaligned_prompts_are_refused(tmp_path, vae_dir, capsys):
+    (tmp_path / "not_a_video.mp4").write_text("hello")
+    (tmp_path / "videos.txt").write_text("not_a_video.mp4\n")
+    (tmp_path / "prompts.txt").write_text("a caption\n")
+    common = ["--out", str(tmp_path / "o"), "--vae", str(vae_dir), "--no-progress", "--buckets", BUCKETS]
+    assert el.main(["--input", str(tmp_path / "videos.txt"), *common]) == 1  # it used to report success
+    assert "all 1 input(s) were rejected" in capsys.readouterr().err
+    (tmp_path / "prompts.txt").write_text("a caption\nanother caption\n")  # one line too many
+    assert el.main(["--input", str(tmp_path / "videos.txt"), *common]) == 1
+    assert "has 2 lines but" in capsys.readouterr().err

@@ -153,7 +153,8 @@ def test_perf_model_cli_prints_the_table(capsys):
     assert "31.3" in capsys.readouterr().out
     for bad, message in [(["--model", "2b", "--sp", "4"], "30 heads"), (["--gpus", "10", "--sp", "4"], "multiple"),
                          (["--model", "7b"], "--model 7b"), (["--offload", "param", "--zero", "2"], "ZeRO-3"),
-                         (["--gpus", "0"], "at least 1")]:
+                         (["--gpus", "0"], "at least 1"), (["--height", "-480"], "--height must be a positive"),
+                         (["--frames", "10"], "--frames must be 4k+1")]:
         with pytest.raises(SystemExit):
             main(bad)
         assert message in capsys.readouterr().err, bad

@@ -209,3 +209,29 @@ def test_export_ema_weights(run_dir, tmp_path):
     subprocess.run([*args, f"--out={tmp_path / 'o2'}"], check=True, capture_output=True)
     got = CogVideoXTransformer.from_diffusers(tmp_path / "o2" / "transformer").proj_out.weight
     assert torch.equal(got, ema.proj_out.weight)
+
+
+def test_sample_rejects_bad_values_before_loading_or_sampling(run_dir, tmp_path):
+    def sample(*extra):
+        return subprocess.run([sys.executable, "-m", "cogvx_ds.sample", f"--model={run_dir / 'run'}",
+                               f"--vae={run_dir / 'vae'}", f"--text-encoder={run_dir / 't5'}", "--prompt=a red circle",
+                               f"--out={tmp_path / 's'}", "--height=32", "--width=48", "--steps=1", *extra],
+                              capture_output=True, text=True)
+
+    (tmp_path / "file").write_text("")
+    for extra, message in ((["--frames=0"], "--frames must be >= 1"), (["--fps=0"], "--fps must be > 0"),
+                           (["--batch-size=0"], "--batch-size must be >= 1"),
+                           ([f"--prompts-file={tmp_path / 'none.txt'}"], "none.txt: no such file"),
+                           ([f"--out={tmp_path / 'file'}"], "is a file"),
+                           (["--frames=13"], "use 8m+1 frames"), (["--height=30"], "multiples of 16")):
+        proc = sample(*extra)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (extra, proc.stderr)
+    assert not (tmp_path / "s").exists()  # nothing was sampled or written
+
+
+def test_export_checks_its_inputs_before_writing(run_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cogvx_ds.export", f"--run-dir={run_dir / 'run'}",
+                           f"--out={tmp_path / 'o'}", f"--vae={tmp_path / 'novae'}", f"--text-encoder={run_dir / 't5'}"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "--vae" in proc.stderr and "no config.json" in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()

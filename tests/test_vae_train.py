@@ -189,3 +189,8 @@ def test_video_file_stream_reads_windows_of_real_files_and_skips_broken_ones(tmp
         VideoFileStream(str(tmp_path / "empty"), 1, 9, 16, 16)
     with pytest.raises(ValueError, match="data: .* does not exist"):
         build_config(None, [f"data={tmp_path / 'missing.txt'}"]).validate()
+
+
+def test_unknown_model_fields_are_refused():
+    with pytest.raises(ValueError, match=r"unknown VAE model field\(s\) \['model.bogus'\]"):
+        build_config(None, ["model.bogus=3"])
