@@ -494,9 +494,11 @@ class Trainer:
                                     f"train.run_dir")
         st = json.loads(state_file.read_text())
         present = _file_sizes(self.ckpt_dir / tag)
-        damaged = sorted(n for n, size in st.get("files", {}).items() if present.get(n) != size)
+        # missing, or shorter than written (a cut copy); never "larger": a file system's cached sizes at save time
+        # can only have been too small
+        damaged = sorted(n for n, size in st.get("files", {}).items() if present.get(n, -1) < size)
         if damaged:  # DeepSpeed would warn and go on without that rank's optimizer and fp32 master state
-            raise FileNotFoundError(f"{self.ckpt_dir / tag}: {len(damaged)} file(s) missing or of another size than "
+            raise FileNotFoundError(f"{self.ckpt_dir / tag}: {len(damaged)} file(s) missing or shorter than "
                                     f"written: {', '.join(damaged[:4])}; restore them, or point {latest} at an "
                                     f"intact step* checkpoint")
         if st["config_hash"] != config_hash(self.cfg):
