@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cogvx_ds.utils import temp_path
+
 
 def to_uint8(video) -> np.ndarray:
     """A torch video [3, T, H, W] in [-1, 1] (any dtype, any device) -> uint8 [T, H, W, 3] on the host."""
@@ -31,7 +33,7 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float = 8.0, crf: int =
     if height % 2 or width % 2:
         raise ValueError(f"mp4 (yuv420p) needs an even height and width, got {height}x{width}")
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_path(path)
     try:
         with av.open(str(tmp), mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))

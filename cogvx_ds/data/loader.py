@@ -117,6 +117,7 @@ class GlobalPlan:
             raise ShardError(f"no readable samples in {len(shards)} shard(s): " + "; ".join(self.bad_shards[:3]))
         self.global_batch, self.seed, self.image_ratio = global_batch, seed, image_ratio
         self.small_buckets = self._small_buckets()
+        self._fingerprint: dict | None = None
         self._epochs: dict[int, list[list[SampleRef]]] = {}
         self._lengths: dict[int, int] = {}  # batches per epoch, for every epoch built so far
 
@@ -143,11 +144,18 @@ class GlobalPlan:
             raise ShardError("no readable samples left: " + "; ".join(self.bad_shards[:3]))
         self._epochs.clear()
         self._lengths.clear()
+        self._fingerprint = None
         self.small_buckets = self._small_buckets()
 
     def fingerprint(self) -> dict:
         """What decides the sequence of global batches; a resume from a data position is exact only under the same.
-        Shards by file name and sample count, so a data folder may move."""
+        Shards by file name and sample count, so a data folder may move. Computed once (every checkpoint keeps
+        it, and at 10M samples a pass over them takes seconds)."""
+        if self._fingerprint is None:
+            self._fingerprint = self._compute_fingerprint()
+        return dict(self._fingerprint)
+
+    def _compute_fingerprint(self) -> dict:
         counts = Counter(r.shard.name for r in self.refs)
         listing = json.dumps(sorted(counts.items()) + sorted(Path(p).name for p in self.bad_paths))
         return {"samples": len(self.refs), "shards": len(counts), "unreadable_shards": len(self.bad_paths),
