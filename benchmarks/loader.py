@@ -11,6 +11,9 @@ Writes latent shards shaped like the config's data (bf16 posterior mean/logvar [
   3. both together: every step takes its batch from the loader, as the trainer does, and the time spent waiting
      for data is recorded (the loader thread shares the CPU with the step here).
 Done when the loader delivers >= 5x what a step consumes (ratio of 1 over 2) and steps never wait in 3.
+  4. start-up: building the global plan over `--plan-samples` samples (tiny latents: only the plan's work counts),
+     from the shards' manifests and by walking the tars, and the plan's memory per sample (tracemalloc) against
+     an object per sample (a SampleRef each, as plans held before the columns); both scaled to 10M samples.
 
     python benchmarks/loader.py                 # cogvx_ds/configs/tiny.yaml
     python benchmarks/loader.py --quick
@@ -58,10 +61,13 @@ def main(argv=None) -> int:
     ap.add_argument("--per-shard", type=int, default=128)
     ap.add_argument("--batches", type=int, default=300, help="micro-batches drained in the loader-alone run")
     ap.add_argument("--steps", type=int, default=20, help="training steps timed (alone, and with the loader)")
+    ap.add_argument("--plan-samples", type=int, default=50000, help="samples in the start-up measurement (4.)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
         args.samples, args.per_shard, args.batches, args.steps = 256, 64, 100, 6
+        args.plan_samples = min(args.plan_samples, 4000)
+    plan_row = plan_start(args.plan_samples)
 
     from cogvx_ds.config import load_config, validate
     from cogvx_ds.data.loader import GlobalPlan, RankLoader
@@ -147,9 +153,54 @@ def main(argv=None) -> int:
                         ("data_wait_fraction", "time waiting for data", "{:.1%}"),
                         ("max_wait_ms", "longest wait ms", "{:.1f}")])
     print(f"done-when (loader >= 5x a step's consumption): {'yes' if row['ratio'] >= 5 else 'NO'}")
-    path = write_results("loader", row)
+    path = write_results("loader", {**row, "plan_start": plan_row})
     print(f"wrote {path}")
     return 0
+
+
+def plan_start(n: int, per_shard: int = 1000) -> dict:
+    """Time and memory of building the global plan over n samples, from manifests and from the tars (4.)."""
+    import tracemalloc
+    import warnings
+
+    from cogvx_ds.data.loader import GlobalPlan
+    from cogvx_ds.data.shards import manifest_path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = write_shards(Path(tmp), n, per_shard, (1, 1, 1, 1), (1, 1))
+        times = {}
+        for source in ("manifests", "tar walk"):
+            if source == "tar walk":
+                for shard in shards:
+                    manifest_path(shard).unlink()
+            t0 = time.perf_counter()
+            plan = GlobalPlan(shards, 8, seed=0)
+            times[source] = time.perf_counter() - t0
+        del plan
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tracemalloc.start()
+            base = tracemalloc.get_traced_memory()[0]
+            plan = GlobalPlan(shards, 8, seed=0)
+            columns = tracemalloc.get_traced_memory()[0] - base
+            objects = [plan.ref(i) for i in range(len(plan))]
+            per_object = (tracemalloc.get_traced_memory()[0] - base - columns) / n
+            tracemalloc.stop()
+        del objects
+    scale = 10_000_000 / n
+    row = {"samples": n, "per_shard": per_shard, "manifests_s": times["manifests"], "tar_walk_s": times["tar walk"],
+           "speedup": times["tar walk"] / times["manifests"], "columns_bytes_per_sample": columns / n,
+           "objects_bytes_per_sample": per_object, "manifests_s_at_10M": times["manifests"] * scale,
+           "tar_walk_s_at_10M": times["tar walk"] * scale, "columns_GB_at_10M": columns * scale / 1e9,
+           "objects_GB_at_10M": per_object * 1e7 / 1e9}
+    print(f"\nStart-up: the global plan over {n} samples in shards of {per_shard} (per rank; scaled to 10M samples)")
+    print_table([row], [("manifests_s", "from manifests s", "{:.2f}"), ("tar_walk_s", "tar walk s", "{:.2f}"),
+                        ("speedup", "speed-up", "{:.1f}x"), ("manifests_s_at_10M", "at 10M s", "{:.0f}"),
+                        ("tar_walk_s_at_10M", "walk at 10M s", "{:.0f}"),
+                        ("columns_bytes_per_sample", "B/sample", "{:.0f}"),
+                        ("objects_bytes_per_sample", "object per sample B", "{:.0f}"),
+                        ("columns_GB_at_10M", "GB at 10M", "{:.1f}"), ("objects_GB_at_10M", "objects GB at 10M", "{:.1f}")])
+    return row
 
 
 if __name__ == "__main__":

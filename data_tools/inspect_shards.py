@@ -2,8 +2,12 @@
 
 Prints the shard and sample counts, the bucket histogram and one sample (keys, tensor shapes and dtypes,
 caption, metadata). With --check, reads every sample of every shard and verifies it: readable (no truncated or
-corrupt member), mean/logvar finite and of one shape, the json fields present and consistent with the latent
-shape, keys unique across shards, and per-shard counts equal to index.json. Exits 1 on any problem.
+corrupt member, no tar cut short), mean/logvar finite and of one shape, the json fields present and consistent
+with the latent shape, keys unique across shards, per-shard counts equal to index.json, and each shard's manifest
+(shard-N.manifest.json, what training plans from) equal to the shard. Exits 1 on any problem.
+
+With --write-manifests, writes the manifest of every shard that lacks a current one (shards written before
+manifests existed, by other tools, or changed since), so that training starts without walking the tars.
 """
 
 from __future__ import annotations
@@ -12,11 +16,23 @@ import argparse
 import json
 import sys
 from collections import Counter
+from contextlib import closing
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from cogvx_ds.data.shards import INDEX_NAME, LatentSample, ShardError, iter_shard, resolve_shards
+from cogvx_ds.data.loader import scan_shard
+from cogvx_ds.data.shards import (
+    INDEX_NAME,
+    LatentSample,
+    ShardError,
+    iter_shard,
+    manifest_path,
+    read_manifest,
+    resolve_shards,
+    write_manifest,
+)
 
 REQUIRED_META = ("caption", "frames", "height", "width", "source", "bucket")
 
@@ -58,10 +74,39 @@ def check(shards: list[Path], index: dict | None) -> tuple[list[str], Counter, i
                     problems.append(f"{path.name}: unknown members skipped: {s.skipped_members[:5]}")
         except ShardError as e:
             problems.append(str(e))
+        problems += manifest_problems(path)
         if path.name in expected and expected[path.name] != count:
             problems.append(f"{path.name}: index.json says {expected[path.name]} samples, read {count}")
         total += count
     return problems, buckets, total
+
+
+def manifest_problems(path: Path) -> list[str]:
+    """A manifest that does not match its shard (none at all is fine: training then scans the tar)."""
+    manifest, why = read_manifest(path)
+    if manifest is None:
+        return [] if why == "no manifest" else [f"{why}; --write-manifests renews it"]
+    try:
+        scanned = scan_shard(path)
+    except ShardError:
+        return []  # reported by the sample check
+    if manifest != scanned:
+        return [f"{manifest_path(path).name} does not list what {path.name} holds; --write-manifests renews it"]
+    return []
+
+
+def write_manifests(shards: list[Path]) -> tuple[int, list[str]]:
+    """Write the manifest of each shard without a current one; (written, problems)."""
+    written, problems = 0, []
+    for path in tqdm(shards, desc="manifests", unit="shard", disable=len(shards) < 20):
+        if read_manifest(path)[0] is not None:
+            continue
+        try:
+            write_manifest(path, scan_shard(path))
+            written += 1
+        except ShardError as e:
+            problems.append(str(e))
+    return written, problems
 
 
 def describe(s: LatentSample) -> str:
@@ -85,6 +130,9 @@ def main(argv=None) -> int:
                    help="shard folder (with or without index.json), index.json, .tar files or globs")
     p.add_argument("--check", action="store_true", help="read and verify every sample (integrity check)")
     p.add_argument("--sample", type=int, default=0, help="which sample of the first shard to show (default 0)")
+    p.add_argument("--write-manifests", action="store_true",
+                   help="write shard-N.manifest.json for every shard without a current one (training then "
+                        "starts without walking the tars)")
     args = p.parse_args(argv)
     try:
         shards = resolve_shards(args.shards)
@@ -99,10 +147,17 @@ def main(argv=None) -> int:
               f"{index.get('num_rejects', 0)} rejected inputs")
         print("buckets: " + ", ".join(f"{k}: {v}" for k, v in sorted(index["bucket_histogram"].items())))
     try:
-        shown = next((s for i, s in enumerate(iter_shard(shards[0])) if i == args.sample), None)
+        with closing(iter_shard(shards[0])) as samples:
+            shown = next((s for i, s in enumerate(samples) if i == args.sample), None)
         print(describe(shown) if shown else f"{shards[0].name}: no sample #{args.sample}")
     except ShardError as e:
         print(f"cannot show a sample: {e}")
+    if args.write_manifests:
+        written, problems = write_manifests(shards)
+        print(f"manifests: wrote {written}, {len(shards) - written - len(problems)} already current"
+              + "".join(f"\nPROBLEM {p}" for p in problems))
+        if problems and not args.check:
+            return 1
     if not args.check:
         return 0
     problems, buckets, total = check(shards, index)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import attention, common, dit_step  # noqa: E402
+from benchmarks import attention, common, dit_step, loader  # noqa: E402
 
 TOY = ["--layers", "1", "--heads", "2", "--head-dim", "16", "--latent", "2", "8", "8", "--text-len", "8",
        "--reps", "1", "--no-profile"]
@@ -78,6 +78,17 @@ def test_attention_benchmark_times_both_kernels_and_reports_the_route(tmp_path, 
     assert all(r["auto"] == "tiled" for r in rows if r["dtype"] == "bf16")
     with pytest.raises(SystemExit):
         attention.main(["--shapes", "1x600x2"])
+
+
+def test_loader_benchmark_reports_the_plan_start(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    assert loader.main(["--quick", "--plan-samples", "3000", "--batches", "10", "--steps", "2"]) == 0
+    res = json.loads((tmp_path / "loader.json").read_text())
+    assert res["ratio"] > 0 and 0 <= res["data_wait_fraction"] <= 1
+    start = res["plan_start"]
+    assert start["samples"] == 3000 and start["manifests_s"] > 0 and start["tar_walk_s"] > 0
+    # memory is not wall-clock: the columns hold a sample in a fraction of an object's bytes
+    assert start["columns_bytes_per_sample"] < 0.5 * start["objects_bytes_per_sample"]
 
 
 def test_gpu_smoke_commands_run_on_the_cpu(tmp_path):

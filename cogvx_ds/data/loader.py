@@ -19,14 +19,15 @@ import tarfile
 import threading
 import time
 import warnings
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load as st_load
 
-from cogvx_ds.data.shards import KNOWN_SUFFIXES, ShardError
+from cogvx_ds.data.shards import KNOWN_SUFFIXES, ShardError, ShardSamples, check_tar_end, read_manifest
 
 
 @dataclass(frozen=True)
@@ -48,21 +49,22 @@ def _check_safetensors_header(data_head: bytes, size: int, where: str) -> None:
         raise ShardError(f"{where}: not a safetensors member")
 
 
-def scan_shard(path: Path) -> list[SampleRef]:
-    """Sample references of one shard, reading headers and json only. Raises ShardError if anything is off."""
-    refs, members = [], {}
+def scan_shard(path: Path) -> ShardSamples:
+    """One shard's samples from the tar itself: headers and json only. Raises ShardError if anything is off."""
+    samples, members = ShardSamples(), {}
     file_size = path.stat().st_size
     try:
         with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
-                key, _, suffix = Path(info.name).name.partition(".")
+                key, _, suffix = info.name.rpartition("/")[2].partition(".")  # no Path(): it interns every name
                 if suffix not in KNOWN_SUFFIXES:
                     continue  # never decoded (pickles and anything else unknown)
                 if info.offset_data + info.size > file_size:
                     raise ShardError(f"{path}: truncated inside member {info.name}")
                 members.setdefault(key, {})[suffix] = (info.offset_data, info.size)
+            check_tar_end(raw, tar.offset, path)
             for key, m in members.items():
                 if "latent.safetensors" not in m or "json" not in m:
                     raise ShardError(f"{path}: sample {key!r} lacks its latent or json member")
@@ -70,12 +72,21 @@ def scan_shard(path: Path) -> list[SampleRef]:
                 meta = json.loads(raw.read(m["json"][1]))
                 raw.seek(m["latent.safetensors"][0])
                 _check_safetensors_header(raw.read(8), m["latent.safetensors"][1], f"{path}:{key}")
-                frames = int(meta.get("latent_frames", meta.get("frames", 1)))
-                bucket = str(meta.get("bucket", f"{frames}"))
-                refs.append(SampleRef(path, key, bucket, frames, tuple((s, o, n) for s, (o, n) in m.items())))
+                samples.add(key, meta, m)
     except (tarfile.TarError, OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"{path}: corrupt shard: {e}") from e
-    return refs
+    return samples
+
+
+def shard_samples(path: Path, notes: list[str] | None = None) -> ShardSamples:
+    """A shard's samples from its manifest when that matches the shard, else from a scan of the tar (and why, in
+    `notes`: a missing manifest is not noted)."""
+    samples, why = read_manifest(path)
+    if samples is None:
+        if notes is not None and why != "no manifest":
+            notes.append(why)
+        samples = scan_shard(path)
+    return samples
 
 
 def load_sample(ref: SampleRef) -> dict:
@@ -102,29 +113,62 @@ def _read_sample(ref: SampleRef) -> dict:
 
 
 class GlobalPlan:
-    """Deterministic sequence of global batches (lists of SampleRef), epoch after epoch."""
+    """Deterministic sequence of global batches (lists of SampleRef), epoch after epoch.
+
+    The samples are held in columns (keys, shard / bucket ids, frames, member byte ranges: about 135 bytes per
+    sample, 1.3 GB per rank at 10M samples), a SampleRef is made only for the samples of a batch asked for, and an
+    epoch is an array of sample indices. An object per sample took over 525 bytes (`benchmarks/loader.py`)."""
 
     def __init__(self, shards: list[Path], global_batch: int, seed: int, image_ratio: float | None = None):
-        self.refs, self.bad_shards, self.bad_paths = [], [], []
+        self.shards: list[Path] = []  # readable shards, by shard id
+        self.bad_shards, self.bad_paths, notes = [], [], []
+        keys, buckets, frames, spans, shard_ids = [], [], [], [], []
         for shard in shards:
             try:
-                self.refs += scan_shard(shard)
+                got = shard_samples(shard, notes)
             except ShardError as e:
                 self.bad_shards.append(str(e))
                 self.bad_paths.append(str(shard))
                 warnings.warn(f"skipping shard: {e}", stacklevel=2)
-        if not self.refs:
+                continue
+            keys += got.keys
+            buckets += got.buckets
+            frames += got.frames
+            spans.append(got.span_array())
+            shard_ids.append(np.full(len(got.keys), len(self.shards), dtype=np.int32))
+            self.shards.append(shard)
+        if notes:
+            warnings.warn(f"{len(notes)} shard manifest(s) not used, those shards were scanned instead (slower "
+                          f"start; `python -m data_tools.inspect_shards <folder> --write-manifests` renews them): "
+                          + "; ".join(notes[:3]), stacklevel=2)
+        if not keys:
             raise ShardError(f"no readable samples in {len(shards)} shard(s): " + "; ".join(self.bad_shards[:3]))
+        self.keys = keys
+        self.bucket_names, bucket_ids = np.unique(np.asarray(buckets, dtype=object).astype(str), return_inverse=True)
+        self.bucket_ids = bucket_ids.astype(np.int32)
+        self.frames = np.asarray(frames, dtype=np.int32)
+        self.spans = np.concatenate(spans)
+        self.shard_ids = np.concatenate(shard_ids)
+        self.samples = np.arange(len(keys))  # the indices planned from (drop_shards removes some)
         self.global_batch, self.seed, self.image_ratio = global_batch, seed, image_ratio
         self.small_buckets = self._small_buckets()
         self._fingerprint: dict | None = None
-        self._epochs: dict[int, list[list[SampleRef]]] = {}
+        self._epochs: dict[int, np.ndarray] = {}
         self._lengths: dict[int, int] = {}  # batches per epoch, for every epoch built so far
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def ref(self, i: int) -> SampleRef:
+        """Sample i (an index into the columns)."""
+        members = tuple((suffix, int(o), int(n)) for suffix, (o, n) in zip(KNOWN_SUFFIXES, self.spans[i]) if o >= 0)
+        return SampleRef(self.shards[self.shard_ids[i]], self.keys[i], str(self.bucket_names[self.bucket_ids[i]]),
+                         int(self.frames[i]), members)
 
     def _small_buckets(self) -> dict[str, int]:
         """Buckets with fewer samples than one global batch: a batch holds one bucket, so these never train."""
-        counts = Counter(r.bucket for r in self.refs)
-        small = {b: n for b, n in sorted(counts.items()) if n < self.global_batch}
+        counts = np.bincount(self.bucket_ids[self.samples], minlength=len(self.bucket_names))
+        small = {str(b): int(n) for b, n in zip(self.bucket_names, counts) if 0 < n < self.global_batch}
         if small:
             warnings.warn(f"{sum(small.values())} sample(s) in bucket(s) smaller than the global batch of "
                           f"{self.global_batch} will never be trained: {small}", stacklevel=3)
@@ -136,11 +180,12 @@ class GlobalPlan:
         paths = set(map(str, paths)) - set(self.bad_paths)
         if not paths:
             return
-        self.refs = [r for r in self.refs if str(r.shard) not in paths]
+        dropped = [i for i, shard in enumerate(self.shards) if str(shard) in paths]
+        self.samples = self.samples[~np.isin(self.shard_ids[self.samples], dropped)]
         for path in sorted(paths):
             self.bad_paths.append(path)
             self.bad_shards.append(f"{path}: unreadable on another rank")
-        if not self.refs:
+        if not len(self.samples):
             raise ShardError("no readable samples left: " + "; ".join(self.bad_shards[:3]))
         self._epochs.clear()
         self._lengths.clear()
@@ -150,45 +195,63 @@ class GlobalPlan:
     def fingerprint(self) -> dict:
         """What decides the sequence of global batches; a resume from a data position is exact only under the same.
         Shards by file name and sample count, so a data folder may move. Computed once (every checkpoint keeps
-        it, and at 10M samples a pass over them takes seconds)."""
+        it)."""
         if self._fingerprint is None:
             self._fingerprint = self._compute_fingerprint()
         return dict(self._fingerprint)
 
     def _compute_fingerprint(self) -> dict:
-        counts = Counter(r.shard.name for r in self.refs)
+        counts = Counter()
+        for shard, n in zip(self.shards, np.bincount(self.shard_ids[self.samples], minlength=len(self.shards))):
+            if n:
+                counts[shard.name] += int(n)
         listing = json.dumps(sorted(counts.items()) + sorted(Path(p).name for p in self.bad_paths))
-        return {"samples": len(self.refs), "shards": len(counts), "unreadable_shards": len(self.bad_paths),
+        return {"samples": len(self.samples), "shards": len(counts), "unreadable_shards": len(self.bad_paths),
                 "seed": self.seed, "image_ratio": self.image_ratio, "global_batch": self.global_batch,
                 "shards_sha256": hashlib.sha256(listing.encode()).hexdigest()[:16]}
 
-    def _batches(self, refs: list[SampleRef], gen: torch.Generator) -> list[list[SampleRef]]:
-        order = torch.randperm(len(refs), generator=gen).tolist()
-        pools: dict[str, list[SampleRef]] = {}
-        batches = []
-        for i in order:
-            pool = pools.setdefault(refs[i].bucket, [])
-            pool.append(refs[i])
-            if len(pool) == self.global_batch:
-                batches.append(pool)
-                pools[refs[i].bucket] = []
-        return batches  # each bucket's leftover (< a global batch) sits this epoch out; the next reshuffles
+    def _batches(self, idx: np.ndarray, gen: torch.Generator) -> np.ndarray:
+        """Shuffle the samples `idx`, then cut each bucket's samples, in shuffled order, into global batches; a
+        batch comes in the order its last sample came. [batches, global_batch] sample indices. Each bucket's
+        leftover (< a global batch) sits this epoch out; the next epoch reshuffles."""
+        g = self.global_batch
+        shuffled = idx[torch.randperm(len(idx), generator=gen).numpy()]
+        by_bucket = np.argsort(self.bucket_ids[shuffled], kind="stable")  # positions, grouped, in shuffled order
+        counts = np.bincount(self.bucket_ids[shuffled], minlength=len(self.bucket_names))
+        groups, completed, start = [], [], 0
+        for n in counts:
+            full = n // g * g
+            if full:
+                pos = by_bucket[start:start + full].reshape(-1, g)
+                groups.append(shuffled[pos])
+                completed.append(pos[:, -1])
+            start += n
+        if not groups:
+            return np.empty((0, g), dtype=np.int64)
+        return np.concatenate(groups)[np.argsort(np.concatenate(completed))]
 
-    def epoch(self, epoch: int) -> list[list[SampleRef]]:
+    def epoch(self, epoch: int) -> np.ndarray:
+        """The epoch's global batches: [batches, global_batch] sample indices."""
         if epoch not in self._epochs:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             if self.image_ratio is None:
-                batches = self._batches(self.refs, gen)
+                batches = self._batches(self.samples, gen)
             else:  # explicit mix: each slot is an image batch with probability image_ratio, at random positions
-                images = deque(self._batches([r for r in self.refs if r.is_image], gen))
-                videos = deque(self._batches([r for r in self.refs if not r.is_image], gen))
-                batches = []
-                while images or videos:
-                    pick_image = bool(images) and (not videos or torch.rand(1, generator=gen).item() < self.image_ratio)
-                    batches.append((images if pick_image else videos).popleft())
-            if not batches:
+                is_image = self.frames[self.samples] == 1
+                images = self._batches(self.samples[is_image], gen)
+                videos = self._batches(self.samples[~is_image], gen)
+                order, i, v = [], 0, 0
+                while i < len(images) or v < len(videos):
+                    pick_image = i < len(images) and (v == len(videos)
+                                                      or torch.rand(1, generator=gen).item() < self.image_ratio)
+                    order.append(("i", i) if pick_image else ("v", v))
+                    i, v = (i + 1, v) if pick_image else (i, v + 1)
+                batches = np.stack([images[j] if kind == "i" else videos[j] for kind, j in order]) if order else \
+                    np.empty((0, self.global_batch), dtype=np.int64)
+            if not len(batches):
+                buckets = sorted({str(self.bucket_names[b]) for b in np.unique(self.bucket_ids[self.samples])})
                 raise ShardError(f"not one global batch of {self.global_batch} samples fits in one bucket; "
-                                 f"buckets: {sorted({r.bucket for r in self.refs})}")
+                                 f"buckets: {buckets}")
             self._epochs = {epoch: batches}  # keep one epoch in memory
             self._lengths[epoch] = len(batches)
         return self._epochs[epoch]
@@ -200,7 +263,7 @@ class GlobalPlan:
         while position >= self._length(epoch):
             position -= self._length(epoch)
             epoch += 1
-        return self.epoch(epoch)[position]
+        return [self.ref(i) for i in self.epoch(epoch)[position]]
 
     def _length(self, epoch: int) -> int:
         if epoch not in self._lengths:
