@@ -23,6 +23,11 @@ k % world_size; so every worker count writes the same shards with the same sampl
 .tar exists (written via temp file + rename, after its sidecar shard-NNNNNN.json with its index entry and
 rejects); a re-run skips finished shards and rewrites partial ones. The worker that completes the last shard
 (or --finalize) writes index.json and rejects.jsonl.
+
+A worker killed while decoding (the kernel's OOM killer on a huge video, a decoder crash) leaves no exception to
+record. So each unfinished shard keeps shard-NNNNNN.attempts.jsonl: which inputs started and finished decoding,
+per attempt. A re-run decodes a shard whose last attempt died mid-input one input at a time, and an input that
+was being decoded in two attempts that died is rejected as `worker_killed` instead of killing every re-run.
 """
 
 from __future__ import annotations
@@ -33,13 +38,16 @@ import hashlib
 import json
 import math
 import os
+import signal
+import socket
 import sys
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import islice, zip_longest
 from pathlib import Path
 
 import torch
@@ -61,6 +69,7 @@ from data_tools.video_decode import (
 )
 
 PLAN_NAME = "encode_plan.json"
+ATTEMPTS_SUFFIX = ".attempts.jsonl"
 REJECTS_NAME = "rejects.jsonl"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -101,56 +110,66 @@ def _pick(record: dict, names: tuple[str, ...]):
     return next((record[n] for n in names if record.get(n) not in (None, "")), None)
 
 
-def _manifest_items(path: Path) -> list[InputItem]:
-    rows: list[tuple[str, dict | None]] = []
-    if path.suffix == ".csv":
-        with open(path, newline="") as f:
-            rows = [(f"{path}:{n}", r) for n, r in enumerate(csv.DictReader(f), start=2)]
-    else:
-        for n, line in enumerate(path.read_text().splitlines(), start=1):
+def _manifest_rows(path: Path) -> Iterator[tuple[str, dict | None]]:
+    """(where, record or None) per non-empty line, read as a stream (a manifest may list millions of inputs)."""
+    with open(path, newline="" if path.suffix == ".csv" else None) as f:
+        if path.suffix == ".csv":
+            yield from ((f"{path}:{n}", r) for n, r in enumerate(csv.DictReader(f), start=2))
+            return
+        for n, line in enumerate(f, start=1):
             if line.strip():
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     record = None
-                rows.append((f"{path}:{n}", record if isinstance(record, dict) else None))
-    items = []
-    for i, (where, r) in enumerate(rows):
+                yield f"{path}:{n}", record if isinstance(record, dict) else None
+
+
+def _manifest_items(path: Path) -> Iterator[InputItem]:
+    for i, (where, r) in enumerate(_manifest_rows(path)):
         if r is None:
-            items.append(InputItem(i, where, None, None, error=("bad_manifest_line", f"{where}: not a JSON object")))
+            yield InputItem(i, where, None, None, error=("bad_manifest_line", f"{where}: not a JSON object"))
             continue
-        items.append(_make_item(i, path.parent, _pick(r, ("path", "video", "file")),
-                                _pick(r, ("caption", "text", "prompt")), r.get("start"), r.get("end"), where))
-    return items
+        yield _make_item(i, path.parent, _pick(r, ("path", "video", "file")),
+                         _pick(r, ("caption", "text", "prompt")), r.get("start"), r.get("end"), where)
 
 
-def _list_items(videos: Path, prompts: Path | None) -> list[InputItem]:
+def _list_items(videos: Path, prompts: Path | None) -> Iterator[InputItem]:
     prompts = prompts or videos.with_name("prompts.txt")
     if not prompts.is_file():
         raise FileNotFoundError(f"--prompts: {prompts} not found (captions for {videos}, one per line)")
-    lines = videos.read_text().splitlines()
-    captions = prompts.read_text().splitlines()  # aligned by line number with videos.txt
-    n_videos, n_captions = len("\n".join(lines).rstrip().splitlines()), len("\n".join(captions).rstrip().splitlines())
-    if n_videos != n_captions:  # a line added or lost on one side shifts every caption after it
-        raise ValueError(f"--prompts: {prompts} has {n_captions} lines but {videos} has {n_videos}; they pair by line "
-                         f"number (blank lines included), so every caption after the first difference would be wrong")
-    listed = [n for n, line in enumerate(lines) if line.strip()]
-    return [_make_item(i, videos.parent, lines[n], captions[n] if n < len(captions) else None,
-                       where=f"{videos}:{n + 1}") for i, n in enumerate(listed)]
+    return _paired_lines(videos, prompts)
 
 
-def _folder_items(folder: Path) -> list[InputItem]:
+def _paired_lines(videos: Path, prompts: Path) -> Iterator[InputItem]:
+    """videos.txt and prompts.txt side by side, as streams; their lengths are compared at the end (blank lines
+    count, trailing ones do not): a line added or lost on one side shifts every caption after it."""
+    i = last_video = last_caption = 0
+    with open(videos) as fv, open(prompts) as fc:
+        for n, (line, caption) in enumerate(zip_longest(fv, fc), start=1):
+            last_caption = n if caption is not None and caption.strip() else last_caption
+            if line is not None and line.strip():
+                last_video = n
+                yield _make_item(i, videos.parent, line.rstrip("\r\n"),
+                                 caption.rstrip("\r\n") if caption is not None else None, where=f"{videos}:{n}")
+                i += 1
+    if last_video != last_caption:
+        raise ValueError(f"--prompts: {prompts} has {last_caption} lines but {videos} has {last_video}; they pair "
+                         f"by line number (blank lines included), so every caption after the first difference would "
+                         f"be wrong")
+
+
+def _folder_items(folder: Path) -> Iterator[InputItem]:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTS + IMAGE_EXTS)
-    items = []
     for i, p in enumerate(files):
         sidecar = p.with_suffix(".txt")
         caption = sidecar.read_text(errors="replace") if sidecar.is_file() else None
-        items.append(_make_item(i, folder, p.relative_to(folder).as_posix(), caption, where=str(sidecar)))
-    return items
+        yield _make_item(i, folder, p.relative_to(folder).as_posix(), caption, where=str(sidecar))
 
 
-def load_inputs(input_path: str | Path, prompts: str | Path | None = None) -> list[InputItem]:
-    """The inputs in a fixed order (their index decides shard and key)."""
+def iter_inputs(input_path: str | Path, prompts: str | Path | None = None) -> Iterator[InputItem]:
+    """The inputs in a fixed order (their index decides shard and key), as a stream; a bad --input fails here,
+    a videos.txt / prompts.txt length mismatch at the end of the stream."""
     path = Path(input_path)
     if path.is_dir():
         return _folder_items(path)
@@ -161,6 +180,29 @@ def load_inputs(input_path: str | Path, prompts: str | Path | None = None) -> li
     if path.suffix == ".txt":
         return _list_items(path, Path(prompts) if prompts else None)
     raise ValueError(f"--input: {path} must be a folder, a .jsonl/.csv manifest or a videos.txt list")
+
+
+def load_inputs(input_path: str | Path, prompts: str | Path | None = None) -> list[InputItem]:
+    """All inputs, in order (see iter_inputs)."""
+    return list(iter_inputs(input_path, prompts))
+
+
+def read_inputs(input_path: str | Path, prompts: str | Path | None, inputs_per_shard: int, rank: int, world: int,
+                progress: bool = False) -> tuple[int, str, dict[int, InputItem]]:
+    """One pass over the inputs: (how many, the sha256 of the whole listing, this worker's inputs by index).
+    Only this worker's are kept: at 10M inputs with dense captions, the whole list is about 15 GB per worker."""
+    from tqdm import tqdm
+
+    listing, mine, count = hashlib.sha256(b"["), {}, 0
+    for item in tqdm(iter_inputs(input_path, prompts), desc="reading inputs", unit=" inputs", disable=not progress,
+                     mininterval=2):
+        # the bytes of json.dumps([[source, caption, start, end], ...]), fed item by item
+        listing.update((b", " if count else b"") + json.dumps([item.source, item.caption, item.start, item.end]).encode())
+        if item.index // inputs_per_shard % world == rank:
+            mine[item.index] = item
+        count += 1
+    listing.update(b"]")
+    return count, listing.hexdigest(), mine
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -201,10 +243,9 @@ def detect_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
-def plan_record(args, items: list[InputItem], plan: ShardPlan) -> dict:
+def plan_record(args, inputs_sha256: str, plan: ShardPlan) -> dict:
     """What decides the output: a re-run (or another worker) with different values would mix two datasets."""
-    listing = hashlib.sha256(json.dumps([[i.source, i.caption, i.start, i.end] for i in items]).encode())
-    return {"inputs_sha256": listing.hexdigest(), "num_inputs": plan.num_inputs,
+    return {"inputs_sha256": inputs_sha256, "num_inputs": plan.num_inputs,
             "inputs_per_shard": plan.inputs_per_shard, "num_shards": plan.num_shards,
             "buckets": [b.label for b in args.buckets], "fps": args.fps, "clips_per_video": args.clips_per_video,
             "latent_dtype": args.latent_dtype, "vae": str(Path(args.vae).resolve()),
@@ -284,6 +325,81 @@ def prefetched(fn: Callable, items: Iterable, workers: int, depth: int) -> Itera
             if nxt is not None:
                 pending.append(pool.submit(fn, nxt))
             yield result
+
+
+# ------------------------------------------------------------------------------------------------ attempts
+def attempts_path(out: Path, shard: int) -> Path:
+    return out / f"{shard_name(shard)}{ATTEMPTS_SUFFIX}"
+
+
+def died_while_decoding(path: Path) -> Counter:
+    """Per input index: in how many earlier attempts the worker died while decoding it (started, not finished,
+    in an attempt that did not end in an ordinary error)."""
+    died, current, aborted = Counter(), set(), False
+    if not path.is_file():
+        return died
+
+    def end_attempt():
+        if not aborted:
+            died.update(current)
+
+    for line in path.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the kill
+        if "attempt" in event:
+            end_attempt()
+            current, aborted = set(), False
+        elif "started" in event:
+            current.add(event["started"])
+        elif "done" in event:
+            current.discard(event["done"])
+        elif "aborted" in event:
+            aborted = True
+    end_attempt()
+    return died
+
+
+class AttemptJournal:
+    """Appends, per shard, which inputs start and finish decoding (shard-NNNNNN.attempts.jsonl); see the module
+    docstring. Written from the decoding threads; deleted when the shard is finished."""
+
+    def __init__(self, out: Path, plan: ShardPlan):
+        self.out, self.plan, self.lock, self.files, self.closed = out, plan, threading.Lock(), {}, False
+
+    def _write(self, shard: int, event: dict) -> None:
+        with self.lock:
+            if self.closed:
+                return  # decoding threads still finishing after an error
+            f = self.files.get(shard)
+            if f is None:
+                f = self.files[shard] = open(attempts_path(self.out, shard), "a")
+                f.write(json.dumps({"attempt": f"{socket.gethostname()}-{os.getpid()}", "time": time.time()}) + "\n")
+            f.write(json.dumps(event) + "\n")
+            f.flush()  # in the page cache: survives the process being killed
+
+    def started(self, index: int) -> None:
+        self._write(index // self.plan.inputs_per_shard, {"started": index})
+
+    def done(self, index: int) -> None:
+        self._write(index // self.plan.inputs_per_shard, {"done": index})
+
+    def finished(self, shard: int) -> None:
+        with self.lock:
+            if shard in self.files:
+                self.files.pop(shard).close()
+        attempts_path(self.out, shard).unlink(missing_ok=True)
+
+    def aborted(self) -> None:
+        """An ordinary error (not a kill): the inputs in flight are not to blame."""
+        for shard in list(self.files):
+            self._write(shard, {"aborted": True})
+        with self.lock:
+            for f in self.files.values():
+                f.close()
+            self.files.clear()
+            self.closed = True
 
 
 # ------------------------------------------------------------------------------------------------ encode
@@ -449,13 +565,14 @@ def run(args) -> dict:
     if args.finalize:
         return {"index": str(finalize(out))}
     out.mkdir(parents=True, exist_ok=True)
-    items = load_inputs(args.input, args.prompts)
-    if not items:
-        raise ValueError(f"--input: no inputs found in {args.input}")
-    per_shard = max(1, args.samples_per_shard // max(args.clips_per_video, 1))
-    plan = ShardPlan(len(items), per_shard)
-    check_or_write_plan(out, plan_record(args, items, plan))
     rank, world = detect_rank(args.rank, args.world_size)
+    per_shard = max(1, args.samples_per_shard // max(args.clips_per_video, 1))
+    count, inputs_sha256, items = read_inputs(args.input, args.prompts, per_shard, rank, world,
+                                              progress=not args.no_progress)
+    if not count:
+        raise ValueError(f"--input: no inputs found in {args.input}")
+    plan = ShardPlan(count, per_shard)
+    check_or_write_plan(out, plan_record(args, inputs_sha256, plan))
     owned = plan.owned(rank, world)
     todo = [k for k in owned if not (out / f"{shard_name(k)}.tar").is_file()]
     stats = Stats(shards_skipped=len(owned) - len(todo))
@@ -480,7 +597,7 @@ def _remove_stale_temps(out: Path, todo: list[int]) -> None:
                 Path(e.path).unlink(missing_ok=True)
 
 
-def _encode_shards(out: Path, plan: ShardPlan, todo: list[int], items: list[InputItem], args, stats: Stats,
+def _encode_shards(out: Path, plan: ShardPlan, todo: list[int], items: dict[int, InputItem], args, stats: Stats,
                    label: str) -> None:
     from tqdm import tqdm
 
@@ -488,29 +605,50 @@ def _encode_shards(out: Path, plan: ShardPlan, todo: list[int], items: list[Inpu
     encoder = Encoder(args)
     encoder.write_empty_text(out)
     stats.times["setup"] += time.perf_counter() - t0  # model loading: not part of the throughput
-    work = [items[i] for k in todo for i in plan.inputs_of(k)]
+    died = {k: died_while_decoding(attempts_path(out, k)) for k in todo}
+    careful = [k for k in todo if died[k]]  # the last attempt died mid-input: one input at a time, to find it
+    condemned = {i: n for k in careful for i, n in died[k].items() if n >= 2}
+    journal = AttemptJournal(out, plan)
+    kill_on = os.environ.get("COGVX_FAULT_KILL_ON_SOURCE")
 
     def _prepare(item):
-        return prepare(item, args.buckets, args.fps, args.clips_per_video, args.backend)
+        if item.index in condemned:
+            return Prepared(item, reject=("worker_killed", f"{item.source}: the encoder died while decoding it in "
+                                          f"{condemned[item.index]} attempts (killed for memory? a decoder crash?); "
+                                          f"skipped (more memory, fewer --clips-per-video or a re-cut video helps)"))
+        journal.started(item.index)
+        if kill_on and kill_on in item.source:  # test hook: the process dies mid-decode, as under the OOM killer
+            os.kill(os.getpid(), signal.SIGKILL)
+        prep = prepare(item, args.buckets, args.fps, args.clips_per_video, args.backend)
+        journal.done(item.index)
+        return prep
 
-    stream = prefetched(_prepare, work, args.decode_workers, args.prefetch)
-    bar = tqdm(total=len(work), desc=f"encode_latents {label}", unit="input", disable=args.no_progress)
-    for k in todo:
-        job = ShardJob(out, k, args, encoder, stats)
-        try:
-            for _ in plan.inputs_of(k):
-                t0 = time.perf_counter()
-                prep = next(stream)
-                stats.times["wait"] += time.perf_counter() - t0
-                stats.times["decode"] += prep.decode_s
-                stats.times["resize"] += prep.resize_s
-                job.add(prep)
-                bar.update(1)
-                bar.set_postfix(clips=stats.clips, rejects=sum(stats.rejects.values()))
-            job.finish()
-        except BaseException:
-            job.abort()
-            raise
+    bar = tqdm(total=sum(len(plan.inputs_of(k)) for k in todo), desc=f"encode_latents {label}", unit="input",
+               disable=args.no_progress)
+    try:
+        for shards, workers in ((careful, 0), ([k for k in todo if k not in careful], args.decode_workers)):
+            work = [items[i] for k in shards for i in plan.inputs_of(k)]
+            stream = prefetched(_prepare, work, workers, args.prefetch)
+            for k in shards:
+                job = ShardJob(out, k, args, encoder, stats)
+                try:
+                    for _ in plan.inputs_of(k):
+                        t0 = time.perf_counter()
+                        prep = next(stream)
+                        stats.times["wait"] += time.perf_counter() - t0
+                        stats.times["decode"] += prep.decode_s
+                        stats.times["resize"] += prep.resize_s
+                        job.add(prep)
+                        bar.update(1)
+                        bar.set_postfix(clips=stats.clips, rejects=sum(stats.rejects.values()))
+                    job.finish()
+                    journal.finished(k)
+                except BaseException:
+                    job.abort()
+                    raise
+    except BaseException:  # an error, Ctrl-C: not the inputs' fault (a kill never gets here)
+        journal.aborted()
+        raise
     bar.close()
 
 

@@ -1,0 +1,90 @@
+"""encode_latents at scale: the input list is read as a stream and only this worker's inputs are kept (with the
+same listing hash as before, so folders encoded earlier resume), and an input that kills the worker while it is
+decoded (the OOM killer on a huge video) is found and rejected instead of killing every re-run."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_encode_latents import BUCKETS, encode, make_vae, write_jsonl
+
+from cogvx_ds.data.shards import iter_shard
+from data_tools import encode_latents as el
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def old_listing_sha(items):
+    """The listing hash as computed before (one json.dumps of the whole list): encode_plan.json keeps it."""
+    return hashlib.sha256(json.dumps([[i.source, i.caption, i.start, i.end] for i in items]).encode()).hexdigest()
+
+
+def test_streamed_inputs_keep_the_listing_hash_and_only_this_workers_share(tmp_path):
+    records = [{"path": f"v{i}.mp4", "caption": f"clip {i} \u00e9\"q\"", "start": i % 3 or None} for i in range(23)]
+    records[5] = {"caption": "no path"}
+    inputs = {"jsonl": write_jsonl(tmp_path / "m.jsonl", records)}
+    (tmp_path / "m.jsonl").write_text((tmp_path / "m.jsonl").read_text() + "not json\n")
+    (tmp_path / "m.csv").write_text("path,caption,start\n" + "".join(f"v{i}.mp4,c {i},{i}\n" for i in range(9)))
+    inputs["csv"] = tmp_path / "m.csv"
+    (tmp_path / "videos.txt").write_text("".join(f"v{i}.mp4\n" if i != 4 else "\n" for i in range(12)))
+    (tmp_path / "prompts.txt").write_text("".join(f"p {i}\n" for i in range(12)) + "\n\n")
+    inputs["txt"] = tmp_path / "videos.txt"
+    for name, path in inputs.items():
+        items = el.load_inputs(path)
+        for world, rank in ((1, 0), (3, 1)):
+            count, sha, mine = el.read_inputs(path, None, 2, rank, world)
+            assert count == len(items) and sha == old_listing_sha(items), name
+            plan = el.ShardPlan(count, 2)
+            assert sorted(mine) == [i for k in plan.owned(rank, world) for i in plan.inputs_of(k)], name
+            assert all(mine[i] == items[i] for i in mine)
+    (tmp_path / "prompts.txt").write_text("".join(f"p {i}\n" for i in range(11)))
+    with pytest.raises(ValueError, match="has 11 lines but .* has 12"):
+        el.read_inputs(inputs["txt"], None, 2, 0, 1)
+
+
+def test_died_while_decoding_counts_attempts_that_were_killed(tmp_path):
+    path = tmp_path / "shard-000000.attempts.jsonl"
+    lines = [{"attempt": "a"}, {"started": 3}, {"started": 4}, {"done": 3},  # killed with 4 in flight
+             {"attempt": "b"}, {"started": 4}, {"started": 5}, {"aborted": True},  # an ordinary error: no blame
+             {"attempt": "c"}, {"started": 4}, {"done": 4}, {"started": 5}]  # killed with 5 in flight
+    path.write_text("".join(json.dumps(e) + "\n" for e in lines) + '{"start')  # and a line cut by the kill
+    assert el.died_while_decoding(path) == {4: 1, 5: 1}
+    assert el.died_while_decoding(tmp_path / "none.jsonl") == {}
+
+
+@pytest.mark.slow
+def test_an_input_that_kills_the_worker_is_rejected_after_two_deaths(tmp_path):
+    from data_tools.make_synthetic import generate
+
+    vae = make_vae(tmp_path / "vae")
+    generate(tmp_path / "data", num_videos=6, num_images=0, num_heldout=0, frames=17, height=32, width=32,
+             progress=False)
+    manifest = tmp_path / "data" / "manifest.jsonl"
+    killer = json.loads(manifest.read_text().splitlines()[3])["path"]
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "data_tools.encode_latents", "--input", str(manifest), "--out", str(out),
+           "--vae", str(vae), "--buckets", BUCKETS, "--samples-per-shard", "3", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), COGVX_FAULT_KILL_ON_SOURCE=killer)
+    for attempt in (1, 2):  # the first death has the next inputs in flight too; the second decodes one at a time
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        assert el.died_while_decoding(out / "shard-000001.attempts.jsonl")[3] == attempt
+    died = el.died_while_decoding(out / "shard-000001.attempts.jsonl")  # only the culprit twice; others in
+    assert died.pop(3) == 2 and set(died.values()) <= {1}                # flight with it the first time, once
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["input_index"], r["reason"]) for r in rejects] == [(3, "worker_killed")]
+    assert "died while decoding it in 2 attempts" in rejects[0]["detail"]
+    keys = sorted(s.key for p in sorted(out.glob("shard-*.tar")) for s in iter_shard(p))
+    assert keys == [f"{i:09d}_000" for i in (0, 1, 2, 4, 5)]
+    assert not list(out.glob("*.attempts.jsonl"))  # finished shards keep no journal
+    clean = encode(manifest, tmp_path / "clean", vae, "--samples-per-shard", 3)
+    assert clean["clips"] == 6
+    for name in ("shard-000000.tar",):  # the shard without the culprit is byte-identical to a clean run's
+        assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
