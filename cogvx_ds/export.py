@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from cogvx_ds.config import DiffusionConfig, load_config
+from cogvx_ds.utils import out_dir_problem
 
 PIPELINE_CLASS = "CogVideoXPipeline"
 
@@ -108,6 +109,19 @@ def write_pipeline_parts(out: Path, diffusion: DiffusionConfig, vae: Path, text_
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
+def checkpoint_tag(run_dir: Path, tag: str) -> str:
+    """`tag` ('latest' resolved) if run_dir/checkpoints/<tag> exists, else a ValueError naming the tags there."""
+    ckpt = run_dir / "checkpoints"
+    if tag == "latest":
+        if not (ckpt / "latest").is_file():
+            raise ValueError(f"--checkpoint latest: {ckpt}/latest does not exist (no checkpoint saved yet)")
+        tag = (ckpt / "latest").read_text().strip()
+    if not (ckpt / tag).is_dir():
+        tags = sorted(p.name for p in ckpt.iterdir() if p.is_dir()) if ckpt.is_dir() else []
+        raise ValueError(f"--checkpoint: {ckpt / tag} does not exist; checkpoints there: {', '.join(tags) or 'none'}")
+    return tag
+
+
 def export_transformer_from_checkpoint(run_dir: Path, out: Path, tag: str) -> None:
     """Load a DeepSpeed checkpoint with the training layout and write the gathered transformer (all ranks)."""
     import os
@@ -124,7 +138,7 @@ def export_transformer_from_checkpoint(run_dir: Path, out: Path, tag: str) -> No
     init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.sequence_parallel, cfg.parallel.backend)
     engine, model = build_engine(cfg, build_ds_config(cfg))
     ckpt = run_dir / "checkpoints"
-    tag = (ckpt / "latest").read_text().strip() if tag == "latest" else tag
+    tag = checkpoint_tag(run_dir, tag)
     engine.load_checkpoint(str(ckpt), tag=tag, load_optimizer_states=False, load_lr_scheduler_states=False)
     model.save_diffusers(out / "transformer")
     if dist.get_rank() == 0:
@@ -152,8 +166,13 @@ def main(argv=None) -> int:
     try:
         check_exportable(cfg)
         check_pipeline_inputs(Path(args.vae), Path(args.text_encoder))
+        if args.checkpoint:
+            checkpoint_tag(run, args.checkpoint)
     except (ValueError, FileNotFoundError) as e:
         ap.error(str(e))
+    problem = out_dir_problem(out, "--out")
+    if problem:
+        ap.error(problem)
     if args.ema and args.checkpoint:
         ap.error("--ema exports final_model_ema/; a --checkpoint holds the EMA as per-rank shards: export after the "
                  "run finishes")

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from cogvx_ds.train.vae_trainer import VAETrainConfig, VAETrainer
+from cogvx_ds.utils import out_dir_problem
 
 
 def _fields_help() -> str:
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
         cfg.validate()
     except (ValueError, OSError) as e:
         p.error(str(e))
+    problem = out_dir_problem(cfg.run_dir, "run_dir", create=False)
+    if problem:
+        p.error(problem)
     trainer = VAETrainer(cfg)
     if args.export_only:
         if not trainer.resume():

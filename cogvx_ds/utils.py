@@ -15,6 +15,23 @@ def temp_path(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
 
 
+def out_dir_problem(path: str | os.PathLike, flag: str, create: bool = True) -> str | None:
+    """Why `path` cannot be an output folder (it, or a folder above it, is a file; no permission), else None; with
+    `create` a missing folder is made. For a one-line error before any work starts, not a traceback after."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                return f"{flag}: {p} is a file, not a folder"
+            break
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return f"{flag}: cannot create {path}: {e.strerror or e}"
+    return None
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` on a hidden temp file beside `path`, then rename it into place: readers see the old
     file or the whole new one, never a partial write (what resume logic relies on)."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from cogvx_ds.data.shards import iter_shard, resolve_shards
+from cogvx_ds.utils import out_dir_problem
 from data_tools._video_io import to_uint8, write_mp4
 
 
@@ -54,6 +55,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiling", action="store_true", help="spatial tiling in the VAE decoder (less memory)")
     args = p.parse_args(argv)
+    if args.num < 0:
+        p.error(f"--num must be >= 0 (0 = all), got {args.num}")
+    problem = out_dir_problem(args.out, "--out")
+    if problem:
+        p.error(problem)
     from cogvx_ds.models.vae import CogVideoXVAE
 
     try:

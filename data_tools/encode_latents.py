@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 from cogvx_ds.data.shards import ShardWriter, write_index
-from cogvx_ds.utils import atomic_write_text, local_gpu, temp_path
+from cogvx_ds.utils import atomic_write_text, local_gpu, out_dir_problem, temp_path
 from data_tools.video_decode import (
     IMAGE_EXTS,
     VIDEO_EXTS,
@@ -766,6 +766,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(str(e))
     if args.samples_per_shard < 1 or args.batch_size < 1 or args.clips_per_video < 0:
         parser.error("--samples-per-shard and --batch-size must be >= 1, --clips-per-video >= 0")
+    if args.world_size is not None and args.world_size < 1:
+        parser.error(f"--world-size must be >= 1, got {args.world_size}")
+    if args.decode_workers < 0 or (args.prefetch is not None and args.prefetch < 1):
+        parser.error(f"--decode-workers must be >= 0 and --prefetch >= 1, got {args.decode_workers} / {args.prefetch}")
+    problem = out_dir_problem(args.out, "--out")
+    if problem:
+        parser.error(problem)
     if args.encode_chunk_frames % 4:
         parser.error(f"--encode-chunk-frames must be a multiple of 4, got {args.encode_chunk_frames}")
     if args.fps is not None and args.fps <= 0:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cogvx_ds.utils import out_dir_problem
+
 SHAPES = ("circle", "square", "triangle")
 # Colours whose luma differs from every background by at least ~25 levels: yuv420p keeps chroma at half
 # resolution, so a shape that differs from the background in chroma only blurs away in small mp4s.
@@ -542,6 +544,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("num_videos", "num_images", "num_heldout", "num_heldout_images"):
         if getattr(args, name) < 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    problem = out_dir_problem(args.out, "--out")
+    if problem:
+        raise SystemExit(f"make_synthetic: {problem}")
     try:
         records = generate(
             args.out,

@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     import yaml
 
     from cogvx_ds.config import ConfigError, _deep_merge, apply_overrides, from_dict, load_yaml_dict, validate
+    from cogvx_ds.utils import out_dir_problem
 
     try:
         data: dict = {}
@@ -39,6 +40,9 @@ def main(argv=None) -> int:
         validate(cfg, world_size=world)
         if not cfg.data.shards and not args.print_config:  # a config can be inspected before data exists
             raise ConfigError("data.shards = []: give latent shard paths, folders or index.json files")
+        problem = out_dir_problem(cfg.train.run_dir, "train.run_dir", create=False)
+        if problem:
+            raise ConfigError(problem)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

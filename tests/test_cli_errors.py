@@ -1,0 +1,62 @@
+"""Bad output paths and counts give one-line errors before any work starts, in every CLI that writes."""
+
+import pytest
+
+from cogvx_ds import export, train_vae
+from cogvx_ds.train import __main__ as train_cli
+from cogvx_ds.utils import out_dir_problem
+from data_tools import decode_latents, encode_latents, make_synthetic
+
+
+def test_out_dir_problem(tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert out_dir_problem(tmp_path / "file", "--out") == f"--out: {tmp_path / 'file'} is a file, not a folder"
+    assert out_dir_problem(tmp_path / "file" / "sub", "--out") == f"--out: {tmp_path / 'file'} is a file, not a folder"
+    assert out_dir_problem(tmp_path / "new" / "deeper", "--out", create=False) is None
+    assert not (tmp_path / "new").exists()
+    assert out_dir_problem(tmp_path / "new" / "deeper", "--out") is None and (tmp_path / "new" / "deeper").is_dir()
+
+
+@pytest.mark.parametrize("tool", ["make_synthetic", "encode_latents", "decode_latents", "train", "train_vae"])
+def test_an_output_folder_that_is_a_file_is_refused_up_front(tool, tmp_path, capsys):
+    file = tmp_path / "file"
+    file.write_text("x")
+    argv = {"make_synthetic": ["--out", str(file), "--num-videos", "1"],
+            "encode_latents": ["--input", str(file), "--vae", str(file), "--out", str(file)],
+            "decode_latents": [str(file), "--vae", str(file), "--out", str(file)],
+            "train": ["--config", "model/tiny", f"data.shards=[{file}]", f"train.run_dir={file}/run"],
+            "train_vae": ["--run-dir", str(file), "--steps", "1"]}[tool]
+    main = {"make_synthetic": make_synthetic.main, "encode_latents": encode_latents.main,
+            "decode_latents": decode_latents.main, "train": train_cli.main, "train_vae": train_vae.main}[tool]
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    assert rc not in (0, None)
+    err = capsys.readouterr().err + (rc if isinstance(rc, str) else "")
+    assert f"{file} is a file, not a folder" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["decode_latents", "x", "--vae", "v", "--out", "o", "--num", "-1"], "--num must be >= 0"),
+    (["encode_latents", "--input", "i", "--vae", "v", "--out", "o", "--world-size", "0"], "--world-size must be >= 1"),
+    (["encode_latents", "--input", "i", "--vae", "v", "--out", "o", "--decode-workers", "-1"],
+     "--decode-workers must be >= 0"),
+])
+def test_impossible_counts_are_refused(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    main = {"decode_latents": decode_latents.main, "encode_latents": encode_latents.main}[argv[0]]
+    with pytest.raises(SystemExit):
+        main(argv[1:])
+    assert message in capsys.readouterr().err
+
+
+def test_export_checkpoint_tag_is_checked_before_launching(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="checkpoints/latest does not exist"):
+        export.checkpoint_tag(run, "latest")
+    (run / "checkpoints" / "step00000010").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step00000010\n")
+    assert export.checkpoint_tag(run, "latest") == "step00000010"
+    with pytest.raises(ValueError, match="step99 does not exist; checkpoints there: step00000010"):
+        export.checkpoint_tag(run, "step99")
