@@ -287,19 +287,28 @@ def prepare(item: InputItem, buckets: list[Bucket], fps: float | None, clips_per
         return out
     t0 = time.perf_counter()
     try:
+        source_hw = []
+
+        def fit(clip, plan):  # each clip is scaled down as soon as it is decoded (see read_clips)
+            t = time.perf_counter()
+            source_hw.append(clip.shape[1:3])
+            clip = resize_center_crop(clip, plan.bucket.height, plan.bucket.width)
+            out.resize_s += time.perf_counter() - t
+            return clip
+
         if item.is_image:
             frames = read_image(item.path)
             bucket = choose_bucket(buckets, frames.shape[1], frames.shape[2], 1, is_image=True)
-            plans, raw, info = [ClipPlan(bucket, (0,), None, None, None)], [frames], None
+            plans, info = [ClipPlan(bucket, (0,), None, None, None)], None
+            clips = [fit(frames, plans[0])]
         else:
             def choose(info):
                 return plan_clips(info, buckets, fps, clips_per_video, item.start, item.end)
 
-            info, plans, raw, out.meta["backend"] = read_clips(item.path, choose, backend)
-        t1 = time.perf_counter()
-        out.clips = [(p, resize_center_crop(r, p.bucket.height, p.bucket.width)) for p, r in zip(plans, raw)]
-        out.resize_s, out.decode_s = time.perf_counter() - t1, t1 - t0
-        h, w = raw[0].shape[1:3]
+            info, plans, clips, out.meta["backend"] = read_clips(item.path, choose, backend, transform=fit)
+        out.clips = list(zip(plans, clips))
+        out.decode_s = time.perf_counter() - t0 - out.resize_s
+        h, w = source_hw[0]
         out.meta.update(source_height=int(h), source_width=int(w))
         if info is not None:
             out.meta.update(source_fps=info.fps, source_frames=info.num_frames)

@@ -138,7 +138,15 @@ def _check_file(path: Path) -> None:
         raise BadInput("empty_file", f"{path} is 0 bytes")
 
 
-def _decord_read(path: Path, choose: Callable[[VideoInfo], list[ClipPlan]]):
+Transform = Callable[[np.ndarray, ClipPlan], object]  # uint8 [T, H, W, 3] clip, its plan -> what is kept
+
+
+def _clip(frames: dict[int, np.ndarray], plan: ClipPlan, transform: Transform | None):
+    clip = np.stack([frames[i] for i in plan.indices])
+    return transform(clip, plan) if transform else clip
+
+
+def _decord_read(path: Path, choose: Callable[[VideoInfo], list[ClipPlan]], transform: Transform | None):
     import decord
 
     reader = decord.VideoReader(str(path), num_threads=1)
@@ -149,27 +157,42 @@ def _decord_read(path: Path, choose: Callable[[VideoInfo], list[ClipPlan]]):
     if info.num_frames < 1 or not info.fps > 0:
         raise RuntimeError(f"decord reports {info.num_frames} frames at {info.fps} fps")  # let PyAV try
     plans = choose(info)
-    wanted = sorted({i for p in plans for i in p.indices})
-    batch = reader.get_batch(wanted).asnumpy()
-    if batch.shape != (len(wanted), info.height, info.width, 3) or batch.dtype != np.uint8:
-        raise RuntimeError(f"decord returned a batch of shape {batch.shape}, expected "
-                           f"{(len(wanted), info.height, info.width, 3)}")
-    return info, plans, dict(zip(wanted, batch))
+    clips = []
+    for plan in plans:  # one clip at a time: only its frames are held at the source resolution
+        wanted = sorted(set(plan.indices))
+        batch = reader.get_batch(wanted).asnumpy()
+        if batch.shape != (len(wanted), info.height, info.width, 3) or batch.dtype != np.uint8:
+            raise RuntimeError(f"decord returned a batch of shape {batch.shape}, expected "
+                               f"{(len(wanted), info.height, info.width, 3)}")
+        clips.append(_clip(dict(zip(wanted, batch)), plan, transform))
+        del batch
+    return info, plans, clips
 
 
-def _pyav_decode(path: Path, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
-    """Frames at `wanted` indices (decoding stops after the last one) and how many frames were decoded."""
+def _pyav_decode(path: Path, plans: list[ClipPlan], transform: Transform | None) -> tuple[list | None, int]:
+    """The clips, each made (and transformed) as soon as its last frame is decoded, with source frames dropped
+    once no later clip needs them (decoding stops after the last wanted frame); (None, frames decoded) when the
+    file ends before every clip is complete."""
     import av
 
-    frames, count = {}, 0
+    wanted = {i for p in plans for i in p.indices}
     last = max(wanted) if wanted else -1
+    order = sorted(range(len(plans)), key=lambda k: plans[k].indices[-1])  # by completion
+    floors = [min((plans[k].indices[0] for k in order[n:]), default=last + 1) for n in range(len(order) + 1)]
+    frames, clips, done, count = {}, [None] * len(plans), 0, 0
     with av.open(str(path)) as container:
         for count, frame in enumerate(container.decode(video=0), start=1):  # noqa: B007 (count used after loop)
-            if count - 1 in wanted:
-                frames[count - 1] = frame.to_ndarray(format="rgb24")
-            if count - 1 >= last:
+            i = count - 1
+            if i in wanted:
+                frames[i] = frame.to_ndarray(format="rgb24")
+            while done < len(order) and i >= plans[order[done]].indices[-1]:
+                clips[order[done]] = _clip(frames, plans[order[done]], transform)
+                done += 1
+                for j in [j for j in frames if j < floors[done]]:
+                    del frames[j]
+            if i >= last:
                 break
-    return frames, count
+    return (clips if done == len(order) else None), count
 
 
 def _pyav_info(path: Path) -> VideoInfo:
@@ -184,23 +207,24 @@ def _pyav_info(path: Path) -> VideoInfo:
         return VideoInfo(count, fps, stream.codec_context.height, stream.codec_context.width)
 
 
-def _pyav_read(path: Path, choose: Callable[[VideoInfo], list[ClipPlan]]):
+def _pyav_read(path: Path, choose: Callable[[VideoInfo], list[ClipPlan]], transform: Transform | None):
     info = _pyav_info(path)
     plans = choose(info)
-    wanted = {i for p in plans for i in p.indices}
-    frames, decoded = _pyav_decode(path, wanted)
-    if len(frames) < len(wanted):  # the header promised more frames than the file holds (truncated)
+    clips, decoded = _pyav_decode(path, plans, transform)
+    if clips is None:  # the header promised more frames than the file holds (truncated)
         info = VideoInfo(decoded, info.fps, info.height, info.width)
         plans = choose(info)
-        wanted = {i for p in plans for i in p.indices}
-        frames, _ = _pyav_decode(path, wanted)
-        if len(frames) < len(wanted):
+        clips, _ = _pyav_decode(path, plans, transform)
+        if clips is None:
             raise BadInput("decode_error", f"{path}: only {decoded} frames could be decoded")
-    return info, plans, frames
+    return info, plans, clips
 
 
-def read_clips(path: str | Path, choose: Callable[[VideoInfo], list[ClipPlan]], backend: str = "auto"):
-    """Decode the clips `choose(info)` plans: (info, plans, [uint8 [T, H, W, 3] per plan], backend used)."""
+def read_clips(path: str | Path, choose: Callable[[VideoInfo], list[ClipPlan]], backend: str = "auto",
+               transform: Transform | None = None):
+    """Decode the clips `choose(info)` plans: (info, plans, [one per plan], backend used). Each is the uint8
+    [T, H, W, 3] clip, or `transform(clip, plan)` of it, applied as each clip is decoded: then only one clip's
+    frames are held at the source resolution at a time (all clips of a long 4K video would not fit in memory)."""
     path = Path(path)
     _check_file(path)
     errors = []
@@ -208,8 +232,8 @@ def read_clips(path: str | Path, choose: Callable[[VideoInfo], list[ClipPlan]], 
         if backend not in ("auto", name):
             continue
         try:
-            info, plans, frames = reader(path, choose)
-            return info, plans, [np.stack([frames[i] for i in p.indices]) for p in plans], name
+            info, plans, clips = reader(path, choose, transform)
+            return info, plans, clips, name
         except BadInput:
             raise
         except Exception as e:  # decoder errors of every kind: fall back, then report

@@ -10,8 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
-from test_encode_latents import BUCKETS, encode, make_vae, write_jsonl
+import torch
+from test_encode_latents import BUCKETS, encode, make_vae, synthetic_frames, write_jsonl
 
 from cogvx_ds.data.shards import iter_shard
 from data_tools import encode_latents as el
@@ -88,3 +90,38 @@ def test_an_input_that_kills_the_worker_is_rejected_after_two_deaths(tmp_path):
     assert clean["clips"] == 6
     for name in ("shard-000000.tar",):  # the shard without the culprit is byte-identical to a clean run's
         assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+@pytest.mark.parametrize("fps", [None, 50.0])  # the source's 25 fps, and upsampled (neighbouring clips share frames)
+def test_clips_are_scaled_as_they_are_decoded_holding_one_clip_at_source_size(tmp_path, backend, fps):
+    """--clips-per-video 0 on a long, large video used to hold every clip at the source resolution at once."""
+    import tracemalloc
+
+    from data_tools._video_io import write_mp4
+    from data_tools.video_decode import Bucket, plan_clips, read_clips, resize_center_crop
+
+    path = tmp_path / "long.mp4"
+    write_mp4(path, np.concatenate([synthetic_frames(i, 40, 64, 96) for i in range(4)]), 25.0)
+
+    def choose(info):
+        return plan_clips(info, [Bucket(16, 16, 9)], fps, 0)
+
+    def fit(clip, plan):
+        return resize_center_crop(clip, plan.bucket.height, plan.bucket.width)
+
+    tracemalloc.start()
+    info, plans, plain, used = read_clips(path, choose, backend)
+    held = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert used == backend and len(plans) >= 8
+    source_bytes = sum(c.nbytes for c in plain)
+    tracemalloc.start()
+    info2, plans2, fitted, _ = read_clips(path, choose, backend, transform=fit)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert plans2 == plans and len(fitted) == len(plain)
+    for clip, small in zip(plain, fitted):
+        assert torch.equal(fit(clip, plans[0]), small)
+    assert held >= source_bytes  # the measure sees the decoded frames
+    assert peak < 4 * source_bytes / len(plans), (peak, source_bytes, len(plans))  # about one clip, not all

@@ -105,9 +105,14 @@ class VideoFileStream:
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # path -> uint8 [T, 3, H, W], whole video
         self._cached_bytes = 0
 
+    def _fit(self, clip, _plan) -> torch.Tensor:
+        from data_tools.video_decode import resize_center_crop
+
+        return resize_center_crop(clip, self.height, self.width)
+
     def _whole_video(self, path) -> torch.Tensor:
         """The whole decoded video, scaled and cropped (uint8 [T, 3, H, W]), from the cache or the file."""
-        from data_tools.video_decode import Bucket, ClipPlan, read_clips, resize_center_crop
+        from data_tools.video_decode import Bucket, ClipPlan, read_clips
 
         key = str(path)
         if key in self._cache:
@@ -115,8 +120,9 @@ class VideoFileStream:
             return self._cache[key]
         bucket = Bucket(self.height, self.width, self.num_frames)
         _, _, clips, _ = read_clips(path, lambda info: [ClipPlan(bucket, tuple(range(info.num_frames)), info.fps,
-                                                                 0.0, info.num_frames / info.fps)])
-        video = resize_center_crop(clips[0], self.height, self.width)
+                                                                 0.0, info.num_frames / info.fps)],
+                                    transform=self._fit)
+        video = clips[0]
         if video.numel() <= self.cache_bytes:
             self._cache[key] = video
             self._cached_bytes += video.numel()
@@ -126,7 +132,7 @@ class VideoFileStream:
 
     def clip(self, index: int) -> torch.Tensor:
         """Sample `index`: [3, T, H, W] in [-1, 1]. Draws again (same generator) past unusable files."""
-        from data_tools.video_decode import BadInput, Bucket, ClipPlan, read_clips, resize_center_crop
+        from data_tools.video_decode import BadInput, Bucket, ClipPlan, read_clips
 
         rng = np.random.default_rng([self.seed, index])
         bucket, n = Bucket(self.height, self.width, self.num_frames), self.num_frames
@@ -147,8 +153,7 @@ class VideoFileStream:
                     plan = window(SimpleNamespace(num_frames=video.shape[0], fps=1.0))[0]
                     frames = video[plan.indices[0]:plan.indices[-1] + 1]
                 else:
-                    _, _, clips, _ = read_clips(path, window)
-                    frames = resize_center_crop(clips[0], self.height, self.width)  # uint8 [T, 3, H, W]
+                    frames = read_clips(path, window, transform=self._fit)[2][0]  # uint8 [T, 3, H, W]
             except BadInput as e:
                 self.skipped[str(path)] = str(e)
                 log.warning("VAE data: skipping %s (%s)", path, e)
