@@ -116,7 +116,8 @@ def _manifest_rows(path: Path) -> Iterator[tuple[str, dict | None]]:
         if path.suffix == ".csv":
             yield from ((f"{path}:{n}", r) for n, r in enumerate(csv.DictReader(f), start=2))
             return
-        for n, line in enumerate(f, start=1):
+        # str.splitlines' line breaks (U+2028, \x0c, ...), as when the whole text was split: same items, same hash
+        for n, line in enumerate((part for raw in f for part in (raw.splitlines() or [""])), start=1):
             if line.strip():
                 try:
                     record = json.loads(line)
@@ -384,7 +385,8 @@ class AttemptJournal:
             f = self.files.get(shard)
             if f is None:
                 f = self.files[shard] = open(attempts_path(self.out, shard), "a")
-                f.write(json.dumps({"attempt": f"{socket.gethostname()}-{os.getpid()}", "time": time.time()}) + "\n")
+                # on a line of its own: the last line of a killed attempt may be cut short
+                f.write("\n" + json.dumps({"attempt": f"{socket.gethostname()}-{os.getpid()}", "time": time.time()}) + "\n")
             f.write(json.dumps(event) + "\n")
             f.flush()  # in the page cache: survives the process being killed
 
@@ -401,14 +403,14 @@ class AttemptJournal:
         attempts_path(self.out, shard).unlink(missing_ok=True)
 
     def aborted(self) -> None:
-        """An ordinary error (not a kill): the inputs in flight are not to blame."""
-        for shard in list(self.files):
-            self._write(shard, {"aborted": True})
+        """An ordinary error or a polite stop (not a kill): the inputs in flight are not to blame. Journals opened
+        later by decoding threads still running are not written."""
         with self.lock:
+            self.closed = True
             for f in self.files.values():
+                f.write(json.dumps({"aborted": True}) + "\n")
                 f.close()
             self.files.clear()
-            self.closed = True
 
 
 # ------------------------------------------------------------------------------------------------ encode
@@ -624,16 +626,22 @@ def _encode_shards(out: Path, plan: ShardPlan, todo: list[int], items: dict[int,
         if item.index in condemned:
             return Prepared(item, reject=("worker_killed", f"{item.source}: the encoder died while decoding it in "
                                           f"{condemned[item.index]} attempts (killed for memory? a decoder crash?); "
-                                          f"skipped (more memory, fewer --clips-per-video or a re-cut video helps)"))
+                                          f"skipped. To retry it (more memory, fewer --decode-workers), delete "
+                                          f"{shard_name(item.index // plan.inputs_per_shard)}.tar and .json and "
+                                          f"re-run"))
         journal.started(item.index)
         if kill_on and kill_on in item.source:  # test hook: the process dies mid-decode, as under the OOM killer
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, os.environ.get("COGVX_FAULT_KILL_SIGNAL", "SIGKILL")))
         prep = prepare(item, args.buckets, args.fps, args.clips_per_video, args.backend)
         journal.done(item.index)
         return prep
 
     bar = tqdm(total=sum(len(plan.inputs_of(k)) for k in todo), desc=f"encode_latents {label}", unit="input",
                disable=args.no_progress)
+    # slurm's preemption, scancel and time limit send SIGTERM (then SIGKILL after its grace time): an exception
+    # here, so that the journal records a stop and not a death that the inputs in flight are blamed for
+    polite = (signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, _raise_exit) for s in polite}
     try:
         for shards, workers in ((careful, 0), ([k for k in todo if k not in careful], args.decode_workers)):
             work = [items[i] for k in shards for i in plan.inputs_of(k)]
@@ -655,10 +663,17 @@ def _encode_shards(out: Path, plan: ShardPlan, todo: list[int], items: dict[int,
                 except BaseException:
                     job.abort()
                     raise
-    except BaseException:  # an error, Ctrl-C: not the inputs' fault (a kill never gets here)
+    except BaseException:  # an error, Ctrl-C, SIGTERM: not the inputs' fault (a kill never gets here)
         journal.aborted()
         raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     bar.close()
+
+
+def _raise_exit(signum, _frame):
+    raise SystemExit(128 + signum)
 
 
 def _summary(stats: Stats, elapsed: float, rank: int, world: int, owned: int) -> dict:

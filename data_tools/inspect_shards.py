@@ -96,14 +96,14 @@ def manifest_problems(path: Path) -> list[str]:
 
 
 def write_manifests(shards: list[Path]) -> tuple[int, list[str]]:
-    """Write the manifest of each shard without a current one; (written, problems)."""
+    """Write the manifest of each shard without one that lists what the tar holds; (written, problems)."""
     written, problems = 0, []
     for path in tqdm(shards, desc="manifests", unit="shard", disable=len(shards) < 20):
-        if read_manifest(path)[0] is not None:
-            continue
         try:
-            write_manifest(path, scan_shard(path))
-            written += 1
+            scanned = scan_shard(path)
+            if read_manifest(path)[0] != scanned:  # missing, stale, or listing something else
+                write_manifest(path, scanned)
+                written += 1
         except ShardError as e:
             problems.append(str(e))
     return written, problems

@@ -30,12 +30,16 @@ def test_streamed_inputs_keep_the_listing_hash_and_only_this_workers_share(tmp_p
     records = [{"path": f"v{i}.mp4", "caption": f"clip {i} \u00e9\"q\"", "start": i % 3 or None} for i in range(23)]
     records[5] = {"caption": "no path"}
     inputs = {"jsonl": write_jsonl(tmp_path / "m.jsonl", records)}
-    (tmp_path / "m.jsonl").write_text((tmp_path / "m.jsonl").read_text() + "not json\n")
+    # a raw U+2028 (json.dumps(ensure_ascii=False)) breaks a line for str.splitlines, as the list was read before:
+    # two bad lines, as then, so that the items, their indices and the listing hash stay those of earlier runs
+    odd = json.dumps({"path": "u.mp4", "caption": "a\u2028b"}, ensure_ascii=False)
+    (tmp_path / "m.jsonl").write_text((tmp_path / "m.jsonl").read_text() + "not json\n" + odd + "\n")
     (tmp_path / "m.csv").write_text("path,caption,start\n" + "".join(f"v{i}.mp4,c {i},{i}\n" for i in range(9)))
     inputs["csv"] = tmp_path / "m.csv"
     (tmp_path / "videos.txt").write_text("".join(f"v{i}.mp4\n" if i != 4 else "\n" for i in range(12)))
     (tmp_path / "prompts.txt").write_text("".join(f"p {i}\n" for i in range(12)) + "\n\n")
     inputs["txt"] = tmp_path / "videos.txt"
+    assert [i.error[0] for i in el.load_inputs(inputs["jsonl"])[-3:]] == ["bad_manifest_line"] * 3
     for name, path in inputs.items():
         items = el.load_inputs(path)
         for world, rank in ((1, 0), (3, 1)):
@@ -57,21 +61,44 @@ def test_died_while_decoding_counts_attempts_that_were_killed(tmp_path):
     path.write_text("".join(json.dumps(e) + "\n" for e in lines) + '{"start')  # and a line cut by the kill
     assert el.died_while_decoding(path) == {4: 1, 5: 1}
     assert el.died_while_decoding(tmp_path / "none.jsonl") == {}
+    # the next attempt's header does not land on the cut line: both deaths with input 5 in flight count
+    journal = el.AttemptJournal(tmp_path, el.ShardPlan(10, 10))
+    journal.started(5)
+    assert el.died_while_decoding(path) == {4: 1, 5: 2}
+    journal.aborted()  # then an ordinary stop: nothing more counts against input 5
+    assert el.died_while_decoding(path) == {4: 1, 5: 1}
 
 
-@pytest.mark.slow
-def test_an_input_that_kills_the_worker_is_rejected_after_two_deaths(tmp_path):
+def synthetic_run(tmp_path, **env):
     from data_tools.make_synthetic import generate
 
     vae = make_vae(tmp_path / "vae")
     generate(tmp_path / "data", num_videos=6, num_images=0, num_heldout=0, frames=17, height=32, width=32,
              progress=False)
     manifest = tmp_path / "data" / "manifest.jsonl"
-    killer = json.loads(manifest.read_text().splitlines()[3])["path"]
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "data_tools.encode_latents", "--input", str(manifest), "--out", str(out),
+    cmd = [sys.executable, "-m", "data_tools.encode_latents", "--input", str(manifest), "--out", str(tmp_path / "out"),
            "--vae", str(vae), "--buckets", BUCKETS, "--samples-per-shard", "3", "--no-progress"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), COGVX_FAULT_KILL_ON_SOURCE=killer)
+    return manifest, vae, cmd, dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **env)
+
+
+@pytest.mark.slow
+def test_a_sigterm_is_a_stop_not_a_death(tmp_path):
+    """slurm's preemption and time limit send SIGTERM: no input is blamed for it, and the re-run finishes all."""
+    manifest, vae, cmd, env = synthetic_run(tmp_path, COGVX_FAULT_KILL_SIGNAL="SIGTERM")
+    env["COGVX_FAULT_KILL_ON_SOURCE"] = json.loads(manifest.read_text().splitlines()[3])["path"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert el.died_while_decoding(tmp_path / "out" / "shard-000001.attempts.jsonl") == {}
+    del env["COGVX_FAULT_KILL_ON_SOURCE"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and (tmp_path / "out" / "rejects.jsonl").read_text() == "", proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_an_input_that_kills_the_worker_is_rejected_after_two_deaths(tmp_path):
+    manifest, vae, cmd, env = synthetic_run(tmp_path)
+    env["COGVX_FAULT_KILL_ON_SOURCE"] = json.loads(manifest.read_text().splitlines()[3])["path"]
+    out = tmp_path / "out"
     for attempt in (1, 2):  # the first death has the next inputs in flight too; the second decodes one at a time
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]

@@ -144,8 +144,9 @@ class GlobalPlan:
         if not keys:
             raise ShardError(f"no readable samples in {len(shards)} shard(s): " + "; ".join(self.bad_shards[:3]))
         self.keys = keys
-        self.bucket_names, bucket_ids = np.unique(np.asarray(buckets, dtype=object).astype(str), return_inverse=True)
-        self.bucket_ids = bucket_ids.astype(np.int32)
+        ids: dict[str, int] = {}
+        self.bucket_ids = np.fromiter((ids.setdefault(b, len(ids)) for b in buckets), np.int32, len(buckets))
+        self.bucket_names = list(ids)
         self.frames = np.asarray(frames, dtype=np.int32)
         self.spans = np.concatenate(spans)
         self.shard_ids = np.concatenate(shard_ids)
@@ -162,13 +163,13 @@ class GlobalPlan:
     def ref(self, i: int) -> SampleRef:
         """Sample i (an index into the columns)."""
         members = tuple((suffix, int(o), int(n)) for suffix, (o, n) in zip(KNOWN_SUFFIXES, self.spans[i]) if o >= 0)
-        return SampleRef(self.shards[self.shard_ids[i]], self.keys[i], str(self.bucket_names[self.bucket_ids[i]]),
+        return SampleRef(self.shards[self.shard_ids[i]], self.keys[i], self.bucket_names[self.bucket_ids[i]],
                          int(self.frames[i]), members)
 
     def _small_buckets(self) -> dict[str, int]:
         """Buckets with fewer samples than one global batch: a batch holds one bucket, so these never train."""
         counts = np.bincount(self.bucket_ids[self.samples], minlength=len(self.bucket_names))
-        small = {str(b): int(n) for b, n in zip(self.bucket_names, counts) if 0 < n < self.global_batch}
+        small = {b: int(n) for b, n in sorted(zip(self.bucket_names, counts)) if 0 < n < self.global_batch}
         if small:
             warnings.warn(f"{sum(small.values())} sample(s) in bucket(s) smaller than the global batch of "
                           f"{self.global_batch} will never be trained: {small}", stacklevel=3)
@@ -249,7 +250,7 @@ class GlobalPlan:
                 batches = np.stack([images[j] if kind == "i" else videos[j] for kind, j in order]) if order else \
                     np.empty((0, self.global_batch), dtype=np.int64)
             if not len(batches):
-                buckets = sorted({str(self.bucket_names[b]) for b in np.unique(self.bucket_ids[self.samples])})
+                buckets = sorted({self.bucket_names[b] for b in np.unique(self.bucket_ids[self.samples])})
                 raise ShardError(f"not one global batch of {self.global_batch} samples fits in one bucket; "
                                  f"buckets: {buckets}")
             self._epochs = {epoch: batches}  # keep one epoch in memory
