@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg.validate()
     except (ValueError, OSError) as e:
         p.error(str(e))
-    problem = out_dir_problem(cfg.run_dir, "run_dir", create=False)
+    problem = out_dir_problem(cfg.run_dir, "run_dir")
     if problem:
         p.error(problem)
     trainer = VAETrainer(cfg)

@@ -15,20 +15,22 @@ def temp_path(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
 
 
-def out_dir_problem(path: str | os.PathLike, flag: str, create: bool = True) -> str | None:
-    """Why `path` cannot be an output folder (it, or a folder above it, is a file; no permission), else None; with
-    `create` a missing folder is made. For a one-line error before any work starts, not a traceback after."""
-    path = Path(path)
+def out_dir_problem(path: str | os.PathLike, flag: str) -> str | None:
+    """Why `path` cannot be (or become) an output folder: it, or the nearest existing folder above it, is a file or
+    not writable; else None. Creates nothing (a refused command leaves nothing behind): for a one-line error
+    before any work starts, not a traceback after."""
+    path = Path(path).absolute()
     for p in (path, *path.parents):
-        if p.exists():
+        try:
+            if not p.exists():
+                continue
             if not p.is_dir():
                 return f"{flag}: {p} is a file, not a folder"
-            break
-    if create:
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            return f"{flag}: cannot create {path}: {e.strerror or e}"
+        except OSError as e:  # e.g. a folder above it that we may not enter
+            return f"{flag}: cannot use {path}: {e.strerror or e} ({p})"
+        if not os.access(p, os.W_OK | os.X_OK):
+            return f"{flag}: cannot write in {p}" + ("" if p == path else f" (to create {path})")
+        return None
     return None
 
 

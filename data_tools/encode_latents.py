@@ -792,17 +792,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--samples-per-shard and --batch-size must be >= 1, --clips-per-video >= 0")
     if args.world_size is not None and args.world_size < 1:
         parser.error(f"--world-size must be >= 1, got {args.world_size}")
-    if args.decode_workers < 0 or (args.prefetch is not None and args.prefetch < 1):
-        parser.error(f"--decode-workers must be >= 0 and --prefetch >= 1, got {args.decode_workers} / {args.prefetch}")
-    problem = out_dir_problem(args.out, "--out")
-    if problem:
-        parser.error(problem)
+    if args.decode_workers < 0 or (args.prefetch is not None and args.prefetch < 0):
+        parser.error(f"--decode-workers and --prefetch must be >= 0, got {args.decode_workers} / {args.prefetch}")
     if args.encode_chunk_frames % 4:
         parser.error(f"--encode-chunk-frames must be a multiple of 4, got {args.encode_chunk_frames}")
     if args.fps is not None and args.fps <= 0:
         parser.error(f"--fps must be > 0, got {args.fps}")
     if args.prefetch is None:
         args.prefetch = 2 * max(args.decode_workers, 1)
+    problem = None if args.finalize else out_dir_problem(args.out, "--out")  # after every other check
+    if problem:
+        parser.error(problem)
     if args.device is None:
         args.device = f"cuda:{local_gpu()}" if torch.cuda.is_available() else "cpu"
     return args

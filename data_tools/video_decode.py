@@ -141,9 +141,36 @@ def _check_file(path: Path) -> None:
 Transform = Callable[[np.ndarray, ClipPlan], object]  # uint8 [T, H, W, 3] clip, its plan -> what is kept
 
 
-def _clip(frames: dict[int, np.ndarray], plan: ClipPlan, transform: Transform | None):
-    clip = np.stack([frames[i] for i in plan.indices])
-    return transform(clip, plan) if transform else clip
+class _TransformError(Exception):
+    """An error of the caller's transform: not the decoder's, so no fallback to another decoder."""
+
+
+def _stream_clips(plans: list[ClipPlan], fetch: Callable[[list[int]], dict[int, np.ndarray]],
+                  transform: Transform | None) -> list | None:
+    """The plans' clips, each made (and transformed) once its frames are in: plans in the order they complete, each
+    fetching only the frames not yet held, in ascending order, so a decoder reads forward (a seek back per clip
+    made decord 10x slower on overlapping clips, and mis-read some AVIs); frames no later clip needs are dropped,
+    so one clip's frames are held at the source resolution at a time. None when `fetch` runs out (truncated)."""
+    order = sorted(range(len(plans)), key=lambda k: max(plans[k].indices))
+    floors = [math.inf] * (len(order) + 1)  # the lowest frame any plan from the n-th on needs
+    for n in range(len(order) - 1, -1, -1):
+        floors[n] = min(floors[n + 1], min(plans[order[n]].indices))
+    held, clips = {}, [None] * len(plans)
+    for n, k in enumerate(order):
+        need = sorted(set(plans[k].indices) - held.keys())
+        if need:
+            held.update(fetch(need))
+            if any(i not in held for i in need):
+                return None
+        clip = np.stack([held[i] for i in plans[k].indices])
+        try:
+            clips[k] = transform(clip, plans[k]) if transform else clip
+        except Exception as e:
+            raise _TransformError() from e
+        del clip
+        for j in [j for j in held if j < floors[n + 1]]:
+            del held[j]
+    return clips
 
 
 def _decord_read(path: Path, choose: Callable[[VideoInfo], list[ClipPlan]], transform: Transform | None):
@@ -154,45 +181,47 @@ def _decord_read(path: Path, choose: Callable[[VideoInfo], list[ClipPlan]], tran
     if first.ndim != 3 or first.shape[2] != 3:
         raise RuntimeError(f"decord returned a frame of shape {first.shape}")  # known 0.6.0 mis-read
     info = VideoInfo(len(reader), float(reader.get_avg_fps()), first.shape[0], first.shape[1])
+    del first
     if info.num_frames < 1 or not info.fps > 0:
         raise RuntimeError(f"decord reports {info.num_frames} frames at {info.fps} fps")  # let PyAV try
     plans = choose(info)
-    clips = []
-    for plan in plans:  # one clip at a time: only its frames are held at the source resolution
-        wanted = sorted(set(plan.indices))
-        batch = reader.get_batch(wanted).asnumpy()
-        if batch.shape != (len(wanted), info.height, info.width, 3) or batch.dtype != np.uint8:
+
+    def fetch(indices):
+        batch = reader.get_batch(indices).asnumpy()
+        if batch.shape != (len(indices), info.height, info.width, 3) or batch.dtype != np.uint8:
             raise RuntimeError(f"decord returned a batch of shape {batch.shape}, expected "
-                               f"{(len(wanted), info.height, info.width, 3)}")
-        clips.append(_clip(dict(zip(wanted, batch)), plan, transform))
-        del batch
+                               f"{(len(indices), info.height, info.width, 3)}")
+        return dict(zip(indices, batch))
+
+    clips = _stream_clips(plans, fetch, transform)
+    if clips is None:
+        raise RuntimeError("decord returned fewer frames than asked for")
     return info, plans, clips
 
 
 def _pyav_decode(path: Path, plans: list[ClipPlan], transform: Transform | None) -> tuple[list | None, int]:
-    """The clips, each made (and transformed) as soon as its last frame is decoded, with source frames dropped
-    once no later clip needs them (decoding stops after the last wanted frame); (None, frames decoded) when the
-    file ends before every clip is complete."""
+    """The clips from one pass over the file (see _stream_clips), and how many frames were decoded; (None, frames
+    decoded) when the file ends before every clip is complete."""
     import av
 
     wanted = {i for p in plans for i in p.indices}
-    last = max(wanted) if wanted else -1
-    order = sorted(range(len(plans)), key=lambda k: plans[k].indices[-1])  # by completion
-    floors = [min((plans[k].indices[0] for k in order[n:]), default=last + 1) for n in range(len(order) + 1)]
-    frames, clips, done, count = {}, [None] * len(plans), 0, 0
     with av.open(str(path)) as container:
-        for count, frame in enumerate(container.decode(video=0), start=1):  # noqa: B007 (count used after loop)
-            i = count - 1
-            if i in wanted:
-                frames[i] = frame.to_ndarray(format="rgb24")
-            while done < len(order) and i >= plans[order[done]].indices[-1]:
-                clips[order[done]] = _clip(frames, plans[order[done]], transform)
-                done += 1
-                for j in [j for j in frames if j < floors[done]]:
-                    del frames[j]
-            if i >= last:
-                break
-    return (clips if done == len(order) else None), count
+        frames = enumerate(container.decode(video=0))
+        decoded = 0
+
+        def fetch(indices):  # decode forward to the last index, keeping every wanted frame passed on the way
+            nonlocal decoded
+            got = {}
+            for i, frame in frames:
+                decoded = i + 1
+                if i in wanted:
+                    got[i] = frame.to_ndarray(format="rgb24")
+                if i >= indices[-1]:
+                    break
+            return got
+
+        clips = _stream_clips(plans, fetch, transform)
+    return clips, decoded
 
 
 def _pyav_info(path: Path) -> VideoInfo:
@@ -236,6 +265,8 @@ def read_clips(path: str | Path, choose: Callable[[VideoInfo], list[ClipPlan]], 
             return info, plans, clips, name
         except BadInput:
             raise
+        except _TransformError as e:
+            raise e.__cause__ from None
         except Exception as e:  # decoder errors of every kind: fall back, then report
             errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
     raise BadInput("unreadable", f"{path}: " + "; ".join(errors))

@@ -12,9 +12,8 @@ def test_out_dir_problem(tmp_path):
     (tmp_path / "file").write_text("x")
     assert out_dir_problem(tmp_path / "file", "--out") == f"--out: {tmp_path / 'file'} is a file, not a folder"
     assert out_dir_problem(tmp_path / "file" / "sub", "--out") == f"--out: {tmp_path / 'file'} is a file, not a folder"
-    assert out_dir_problem(tmp_path / "new" / "deeper", "--out", create=False) is None
-    assert not (tmp_path / "new").exists()
-    assert out_dir_problem(tmp_path / "new" / "deeper", "--out") is None and (tmp_path / "new" / "deeper").is_dir()
+    assert out_dir_problem(tmp_path / "new" / "deeper", "--out") is None
+    assert not (tmp_path / "new").exists()  # a check creates nothing: a refused command leaves nothing behind
 
 
 @pytest.mark.parametrize("tool", ["make_synthetic", "encode_latents", "decode_latents", "train", "train_vae"])
@@ -37,11 +36,35 @@ def test_an_output_folder_that_is_a_file_is_refused_up_front(tool, tmp_path, cap
     assert f"{file} is a file, not a folder" in err
 
 
+@pytest.mark.parametrize("tool,argv", [
+    ("make_synthetic", ["--frames", "4"]),
+    ("encode_latents", ["--input", "i", "--vae", "v", "--fps", "-1"]),
+    ("decode_latents", ["missing.tar", "--vae", "v"]),
+])
+def test_a_refused_command_leaves_no_output_folder(tool, argv, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main = {"make_synthetic": make_synthetic.main, "encode_latents": encode_latents.main,
+            "decode_latents": decode_latents.main}[tool]
+    try:
+        rc = main([*argv, "--out", "out"])
+    except SystemExit as e:
+        rc = e.code
+    assert rc not in (0, None) and not (tmp_path / "out").exists()
+    if tool == "encode_latents":  # --finalize only reads
+        assert encode_latents.main(["--out", "typo", "--finalize"]) == 1
+        assert not (tmp_path / "typo").exists()
+
+
+def test_print_config_works_whatever_the_run_dir(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert train_cli.main(["--config", "model/tiny", f"train.run_dir={tmp_path / 'file'}", "--print-config"]) == 0
+
+
 @pytest.mark.parametrize("argv,message", [
     (["decode_latents", "x", "--vae", "v", "--out", "o", "--num", "-1"], "--num must be >= 0"),
     (["encode_latents", "--input", "i", "--vae", "v", "--out", "o", "--world-size", "0"], "--world-size must be >= 1"),
     (["encode_latents", "--input", "i", "--vae", "v", "--out", "o", "--decode-workers", "-1"],
-     "--decode-workers must be >= 0"),
+     "--decode-workers and --prefetch must be >= 0"),
 ])
 def test_impossible_counts_are_refused(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

@@ -151,4 +151,41 @@ def test_clips_are_scaled_as_they_are_decoded_holding_one_clip_at_source_size(tm
     for clip, small in zip(plain, fitted):
         assert torch.equal(fit(clip, plans[0]), small)
     assert held >= source_bytes  # the measure sees the decoded frames
+    other = "pyav" if backend == "decord" else "decord"
+    assert all(np.array_equal(a, b) for a, b in zip(plain, read_clips(path, choose, other)[2]))
     assert peak < 4 * source_bytes / len(plans), (peak, source_bytes, len(plans))  # about one clip, not all
+
+
+def test_decord_reads_forward_and_a_transform_error_is_not_a_decoder_error(tmp_path):
+    """Clips fetched one by one with a seek back each (overlapping clips, when fps is upsampled) made decord 0.6
+    return wrong frames from an H.264 AVI with short keyframe gaps, and 10x slower; a failing transform used to
+    send the video to the other decoder and end as 'unreadable'."""
+    import av
+
+    from data_tools.video_decode import Bucket, plan_clips, read_clips
+
+    path = tmp_path / "short_gop.avi"
+    frames = np.concatenate([synthetic_frames(i, 30, 64, 64) for i in range(3)])
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25, options={"g": "10", "keyint_min": "10"})
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for f in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        container.mux(stream.encode())
+
+    def choose(info):
+        return plan_clips(info, [Bucket(16, 16, 9)], 50.0, 0)
+
+    _, plans, by_decord, used = read_clips(path, choose, "decord")
+    _, _, by_pyav, _ = read_clips(path, choose, "pyav")
+    assert used == "decord" and len(plans) > 10
+    assert all(np.array_equal(a, b) for a, b in zip(by_decord, by_pyav))
+
+    calls = []
+
+    def failing(clip, plan):
+        calls.append(plan)
+        raise MemoryError("resize ran out of memory")
+    with pytest.raises(MemoryError, match="resize ran out of memory"):
+        read_clips(path, choose, "auto", transform=failing)
+    assert len(calls) == 1

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         validate(cfg, world_size=world)
         if not cfg.data.shards and not args.print_config:  # a config can be inspected before data exists
             raise ConfigError("data.shards = []: give latent shard paths, folders or index.json files")
-        problem = out_dir_problem(cfg.train.run_dir, "train.run_dir", create=False)
+        problem = None if args.print_config else out_dir_problem(cfg.train.run_dir, "train.run_dir")
         if problem:
             raise ConfigError(problem)
     except ConfigError as e:
