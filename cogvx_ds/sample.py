@@ -79,12 +79,18 @@ def load_components(model: str, vae: str | None = None, text_encoder: str | None
     return dit, vae_model, encoder
 
 
+STEP_NOISE_SEED = 0x5EED_0F_57E95  # offsets a prompt's seed for the stochastic sampler's step noise
+
+
 @torch.no_grad()
 def generate(dit, vae, encoder, prompts: list[str], *, frames: int, height: int, width: int, steps: int = 50,
              sampler: str = "ddim", guidance: float = 6.0, dynamic_guidance: bool = False,
              seeds: list[int] | None = None, latent_scale: float | None = None, schedule=None,
              progress: bool = True) -> torch.Tensor:
     """Videos [B, 3, frames, height, width] in [-1, 1] for the prompts."""
+    if dynamic_guidance and guidance == 1.0:
+        raise ValueError("--dynamic-guidance ramps the guidance scale from 1 + guidance: it needs --guidance > 1 "
+                         "(1 turns classifier-free guidance off)")
     from tqdm import tqdm
 
     from cogvx_ds.diffusion import NoiseSchedule, noise_from_seeds, sample
@@ -108,9 +114,13 @@ def generate(dit, vae, encoder, prompts: list[str], *, frames: int, height: int,
     def uncond_fn(x, t):
         return dit(x, uncond.to(dtype), t.float()).float()
 
+    # the stochastic sampler's per-step noise: one generator per prompt too, from its seed (a stream of its own, not
+    # x_T's), so a video depends on its seed only, not on the run or on the other prompts in its batch
+    step_noise = [torch.Generator().manual_seed(STEP_NOISE_SEED + int(s)) for s in seeds]
     z = sample(model_fn, x_T.float(), schedule, steps, method=sampler,
                uncond_fn=uncond_fn if uncond is not None else None, guidance_scale=guidance,
-               dynamic_guidance=dynamic_guidance, callback=lambda *_: bar.update(1))
+               dynamic_guidance=dynamic_guidance, callback=lambda *_: bar.update(1),
+               **({"generator": step_noise} if sampler == "dpm++" else {}))
     bar.close()
     z = (z / scale).permute(0, 2, 1, 3, 4)  # [B, C, F, H, W], unscaled latents for the VAE
     return vae.decode(z.to(vae.dtype)).float().clamp(-1, 1)
@@ -167,6 +177,8 @@ def main(argv=None) -> int:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.fps > 0:
         ap.error(f"--fps must be > 0, got {args.fps}")
+    if args.dynamic_guidance and args.guidance == 1.0:
+        ap.error("--dynamic-guidance needs --guidance > 1 (1 turns classifier-free guidance off)")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         ap.error(f"--out {args.out} is a file; give a folder for the mp4s")
     prompts = list(args.prompt)

@@ -235,3 +235,24 @@ def test_export_checks_its_inputs_before_writing(run_dir, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "--vae" in proc.stderr and "no config.json" in proc.stderr, proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
+def test_a_prompts_video_depends_on_its_seed_only(run_dir, sampler):
+    """The stochastic DPM++ drew its step noise from the global RNG: another video on every run, and one that
+    changed with the other prompts of its batch. Now per prompt, from its seed, like the start noise."""
+    from cogvx_ds.sample import generate, load_components
+
+    dit, vae, encoder = load_components(str(run_dir / "run"), str(run_dir / "vae"), str(run_dir / "t5"))
+
+    def run(prompts, seeds):
+        torch.manual_seed(len(prompts))  # the global RNG must not matter
+        return generate(dit, vae, encoder, prompts, frames=FRAMES, height=HEIGHT, width=WIDTH, steps=3,
+                        sampler=sampler, guidance=3.0, seeds=seeds, progress=False)
+
+    both = run(["a red circle", "a blue square"], [0, 1])
+    assert torch.allclose(run(["a blue square"], [1])[0], both[1], atol=1e-4)
+    assert torch.equal(run(["a red circle", "a blue square"], [0, 1]), both)
+    with pytest.raises(ValueError, match="needs --guidance > 1"):
+        generate(dit, vae, encoder, ["x"], frames=FRAMES, height=HEIGHT, width=WIDTH, steps=1, guidance=1.0,
+                 dynamic_guidance=True, progress=False)

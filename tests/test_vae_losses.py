@@ -128,3 +128,20 @@ def test_chroma_weighted_reconstruction_loss():
     tint = x + torch.tensor([0.2, -0.1, -0.1], dtype=torch.float64).view(1, 3, 1, 1, 1)  # zero channel mean
     assert torch.allclose(reconstruction_loss(x, tint, "l2", 5.0), 5 * reconstruction_loss(x, tint, "l2"), rtol=1e-12)
     assert torch.allclose(reconstruction_loss(x, tint, "l1", 5.0), 5 * reconstruction_loss(x, tint, "l1"), rtol=1e-12)
+
+
+def test_kl_weight_weighs_kl_against_reconstruction_as_in_taming():
+    """taming / SAT sum the reconstruction and the KL per sample (then average over the batch); ours averages the
+    reconstruction over elements, so the KL is divided by a sample's video elements: the same loss up to one
+    factor, hence the same meaning for kl_weight (the KL summed alone was 27,648x heavier at 9x32x32)."""
+    from cogvx_ds.models.vae.autoencoder import DiagonalGaussian
+    from cogvx_ds.models.vae.losses import kl_per_video_element
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 9, 32, 32, generator=g)
+    recon = x + 0.1 * torch.randn(x.shape, generator=g)
+    posterior = DiagonalGaussian(torch.randn(2, 4, 3, 4, 4, generator=g), torch.randn(2, 4, 3, 4, 4, generator=g))
+    w = 1e-6
+    taming = (recon - x).abs().sum() / 2 + w * posterior.kl().sum() / 2
+    ours = (recon - x).abs().mean() + w * kl_per_video_element(posterior.kl(), x)
+    torch.testing.assert_close(ours * x[0].numel(), taming, rtol=1e-5, atol=0)

@@ -24,7 +24,7 @@ import torch
 
 from cogvx_ds.models.vae import CogVideoXVAE, CogVideoXVAEConfig
 from cogvx_ds.models.vae.discriminator import PatchDiscriminator3D
-from cogvx_ds.models.vae.losses import GeneratorLossWeights, generator_step_terms, hinge_d_loss
+from cogvx_ds.models.vae.losses import GeneratorLossWeights, generator_step_terms, hinge_d_loss, kl_per_video_element
 from cogvx_ds.models.vae.lpips import LPIPS
 from cogvx_ds.train.vae_data import MovingShapesStream, VideoFileStream
 from cogvx_ds.utils import atomic_write_text, local_gpu, single_process_env
@@ -179,10 +179,11 @@ class VAETrainer:
     # -------------------------------------------------------------------------------------------- one step
     def train_step(self) -> dict:
         cfg = self.cfg
-        torch.manual_seed(cfg.seed * 1_000_003 + self.step)
+        # per rank too: each rank's own posterior noise and LPIPS frames (same seed, same draws on every rank)
+        torch.manual_seed((cfg.seed * 1_000_003 + self.step) * 1_009 + self.rank)
         x = self.stream.next_batch().to(self.device)  # clips are made on the host
         recon, posterior = self.vae(x, sample_posterior=cfg.sample_posterior)
-        kl = posterior.kl().mean()
+        kl = kl_per_video_element(posterior.kl(), x)
         disc = self.disc.module
         disc.requires_grad_(False)  # the generator loss must not leave gradients in the other optimizer
         surrogate, metrics = generator_step_terms(x, recon, kl, disc, self.lpips, cfg.loss_weights(), self.step)

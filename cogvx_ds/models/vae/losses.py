@@ -6,6 +6,12 @@ DeepSpeed ZeRO-2 that call fires the engine's gradient-reduction hooks (they hoo
 parameter), so we measure them at the decoder output instead: both losses are evaluated on a detached copy of
 the reconstruction, their gradients w.r.t. that copy give the weight, and the VAE is then backpropagated with
 the combined output gradient (`surrogate`), which yields exactly the gradients of nll + w * g_loss + kl.
+The weight measured there is smaller than taming's at the last layer (about 19x for a tiny VAE at
+initialisation), so a `disc_weight` taken from taming or SAT is not calibrated for it.
+
+KL: the reconstruction loss is a mean over video elements, so the KL (summed over a sample's latent) is divided by
+the video elements of a sample (`kl_per_video_element`): `kl_weight` then weighs KL against reconstruction as in
+taming and CogVideoX's SAT VAE (which sum both per sample), and their values (1e-6) carry over.
 """
 
 from __future__ import annotations
@@ -20,6 +26,13 @@ from .lpips import LPIPS, lpips_on_frames
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def kl_per_video_element(kl_per_sample: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The batch mean of each sample's KL (summed over its latent), per element of its video x[i]. The KL summed
+    alone beside a mean reconstruction loss was (elements per clip) times heavier than taming's: 5e7x at
+    49x480x720, where kl_weight=1e-6 made it outweigh reconstruction 200-fold."""
+    return kl_per_sample.mean() / x[0].numel()
 
 
 def reconstruction_loss(x: torch.Tensor, recon: torch.Tensor, kind: str, chroma_weight: float = 1.0) -> torch.Tensor:
