@@ -47,8 +47,9 @@ def test_a_sample_that_goes_bad_after_the_scan_is_named(shards, tmp_path):
     with open(copy, "r+b") as f:  # the latent's header now claims more bytes than the member has
         f.seek(latent[0])
         f.write((10**9).to_bytes(8, "little"))
-    with pytest.raises(ShardError, match=f"{copy}: sample '{ref.key}' is unreadable"):
+    with pytest.raises(ShardError, match=f"{copy}: sample '{ref.key}' is unreadable") as caught:
         load_sample(ref)
+    assert f"inspect_shards {copy.parent} --check" in str(caught.value) and "resume_with_new_data" in str(caught.value)
 
 
 def test_shards_unreadable_on_another_rank_are_dropped_everywhere(shards):

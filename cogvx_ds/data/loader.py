@@ -93,7 +93,10 @@ def load_sample(ref: SampleRef) -> dict:
     try:
         return _read_sample(ref)
     except Exception as e:  # a shard that went bad after the scan: say which sample, not just the decoder's words
-        raise ShardError(f"{ref.shard}: sample {ref.key!r} is unreadable: {type(e).__name__}: {e}") from e
+        raise ShardError(f"{ref.shard}: sample {ref.key!r} is unreadable: {type(e).__name__}: {e} (the shard changed "
+                         f"or was damaged after start-up; `python -m data_tools.inspect_shards {ref.shard.parent} "
+                         f"--check` lists damaged shards: move them away, then resume with "
+                         f"train.resume_with_new_data=true)") from e
 
 
 def _read_sample(ref: SampleRef) -> dict:
