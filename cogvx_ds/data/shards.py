@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from cogvx_ds.utils import temp_path
+from cogvx_ds.utils import atomic_write_text, temp_path
 
 KNOWN_SUFFIXES = ("latent.safetensors", "text.safetensors", "json")
 INDEX_NAME = "index.json"
@@ -219,8 +219,10 @@ class ShardSamples:
     buckets: list[str] = field(default_factory=list)
     frames: list[int] = field(default_factory=list)
     spans: list[list[int]] = field(default_factory=list)  # per sample [offset, size] x len(KNOWN_SUFFIXES)
+    _array: np.ndarray | None = field(default=None, compare=False, repr=False)  # span_array, made once
 
     def add(self, key: str, meta: dict, spans: dict[str, tuple[int, int]]) -> None:
+        self._array = None
         bucket, frames = sample_bucket(meta)
         self.keys.append(key)
         self.buckets.append(bucket)
@@ -228,8 +230,10 @@ class ShardSamples:
         self.spans.append([v for suffix in KNOWN_SUFFIXES for v in spans.get(suffix, (-1, -1))])
 
     def span_array(self) -> np.ndarray:
-        """int64 [samples, len(KNOWN_SUFFIXES), 2]."""
-        return np.asarray(self.spans, dtype=np.int64).reshape(len(self.keys), len(KNOWN_SUFFIXES), 2)
+        """int64 [samples, len(KNOWN_SUFFIXES), 2] (made once: read_manifest checks it, the plan keeps it)."""
+        if self._array is None:
+            self._array = np.asarray(self.spans, dtype=np.int64).reshape(len(self.keys), len(KNOWN_SUFFIXES), 2)
+        return self._array
 
 
 def manifest_path(shard: str | os.PathLike) -> Path:
@@ -253,9 +257,7 @@ def write_manifest(shard: str | os.PathLike, samples: ShardSamples, written: str
            "suffixes": list(KNOWN_SUFFIXES), "keys": samples.keys,
            "buckets": samples.buckets, "frames": samples.frames, "spans": samples.spans}
     path = manifest_path(shard)
-    tmp = temp_path(path)
-    tmp.write_text(json.dumps(doc, separators=(",", ":")))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(doc, separators=(",", ":")))
     return path
 
 
