@@ -227,17 +227,36 @@ def shard_name(shard: int) -> str:
     return f"shard-{shard:06d}"
 
 
+# srun's step ids for a batch script's own shell and the extern step: not a step of several tasks
+_NOT_A_TASK_STEP = {"batch", "extern", "4294967294", "4294967295"}
+
+
+def _launcher_rank(env) -> tuple[int, int]:
+    """This process within its launch: torchrun's RANK/WORLD_SIZE, else one task of a multi-task `srun` step
+    (SLURM_PROCID of SLURM_STEP_NUM_TASKS: srun sets these for its tasks only; a batch script's own shell has
+    SLURM_PROCID=0 and the job's SLURM_NTASKS but is one process), else (0, 1)."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"])
+    if ("SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env
+            and env.get("SLURM_STEP_ID", env.get("SLURM_STEPID")) not in _NOT_A_TASK_STEP | {None}):
+        return int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
+    return 0, 1
+
+
 def detect_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """--rank/--world-size, else a slurm array task, else torchrun's RANK/WORLD_SIZE, else a single worker."""
+    """--rank/--world-size, else from the environment: a slurm array task, a process of torchrun or a task of a
+    multi-task srun step (`_launcher_rank`), or both (array task a of A running n processes: worker a * n + i of
+    A * n), else a single worker."""
     env = os.environ
     if rank is None and world_size is None:
+        array_rank, array_size = 0, 1
         if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
             first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))  # arrays may start at 1 (--array=1-8)
             step = int(env.get("SLURM_ARRAY_TASK_STEP", 1))  # or skip ids (--array=0-15:2)
-            rank = (int(env["SLURM_ARRAY_TASK_ID"]) - first) // step
-            world_size = int(env["SLURM_ARRAY_TASK_COUNT"])
-        elif "RANK" in env and "WORLD_SIZE" in env:
-            rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+            array_rank = (int(env["SLURM_ARRAY_TASK_ID"]) - first) // step
+            array_size = int(env["SLURM_ARRAY_TASK_COUNT"])
+        inner, inner_size = _launcher_rank(env)
+        rank, world_size = array_rank * inner_size + inner, array_size * inner_size
     rank, world_size = rank or 0, world_size or 1
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
@@ -742,7 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_.add_argument("--samples-per-shard", type=int, default=256,
                       help="a shard holds the clips of samples_per_shard // clips_per_video consecutive inputs "
                            "(default 256)")
-    run_.add_argument("--rank", type=int, default=None, help="this worker (default: slurm array task / torchrun)")
+    run_.add_argument("--rank", type=int, default=None, help="this worker (default: from the slurm array task, torchrun or a multi-task srun step, combined when nested)")
     run_.add_argument("--world-size", type=int, default=None, help="number of workers")
     run_.add_argument("--decode-workers", type=int, default=2,
                       help="background decoding threads; 0 = decode inline (default 2)")

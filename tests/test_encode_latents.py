@@ -305,16 +305,34 @@ def test_world_sizes_1_and_3_write_the_same_shards(tmp_path, vae_dir, synthetic_
 
 def test_rank_detection_and_plan_guard(monkeypatch, tmp_path, vae_dir, synthetic_set):
     for var in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP",
-                "RANK", "WORLD_SIZE"):
+                "RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_ID",
+                "SLURM_STEPID"):
         monkeypatch.delenv(var, raising=False)
     assert el.detect_rank(None, None) == (0, 1)
+    # a batch script's own shell: SLURM_PROCID=0 and the job's task count, but one process (no step variables)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert el.detect_rank(None, None) == (0, 1)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")
+    monkeypatch.setenv("SLURM_STEP_ID", "batch")
+    assert el.detect_rank(None, None) == (0, 1)
+    # task 5 of a plain `srun --ntasks=8 python -m data_tools.encode_latents ...` (no array, no torchrun)
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    assert el.detect_rank(None, None) == (5, 8)
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    assert el.detect_rank(None, None) == (3, 4)
+    assert el.detect_rank(None, None) == (3, 4)  # torchrun's ranks are the processes (srun may start torchrun)
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "8")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
-    assert el.detect_rank(None, None) == (4, 8)  # slurm wins over torchrun; arrays may start at 1
+    # array task 4 of 8 (arrays may start at 1) running torchrun's process 3 of 4: worker 4 * 4 + 3 of 32
+    assert el.detect_rank(None, None) == (19, 32)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # launch/encode_array.sbatch: `srun --ntasks=1` per array task
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert el.detect_rank(None, None) == (4, 8)
     monkeypatch.setenv("SLURM_ARRAY_TASK_STEP", "2")
     assert el.detect_rank(None, None) == (2, 8)  # --array=1-15:2: task 5 is the third
     assert el.detect_rank(1, 2) == (1, 2)
