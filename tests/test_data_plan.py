@@ -20,20 +20,39 @@ def test_each_epoch_is_shuffled_once_and_batches_do_not_depend_on_the_access_ord
     """Reading batch after batch through six epochs shuffles each epoch once (it used to rebuild every earlier
     epoch for every batch: seconds per step at 10M samples), and a resume that starts deep in epoch 5 gets the
     same batches as the run that got there step by step."""
+    # (under a ratio an epoch ends where the kind drawn runs out, so epochs differ in length)
+    lengths = [len(GlobalPlan(shards, global_batch=3, seed=7, image_ratio=image_ratio).epoch(e)) for e in range(6)]
     plan = GlobalPlan(shards, global_batch=3, seed=7, image_ratio=image_ratio)
     calls = []
     build = plan._batches
     monkeypatch.setattr(plan, "_batches", lambda refs, gen: calls.append(len(refs)) or build(refs, gen))
-    per_epoch = len(plan.epoch(0))
-    calls.clear()
-    plan._epochs.clear()
-    plan._lengths.clear()
-    walked = [[r.key for r in plan.batch(p)] for p in range(6 * per_epoch)]
+    walked = [[r.key for r in plan.batch(p)] for p in range(sum(lengths))]
     assert len(calls) == 6 * (1 if image_ratio is None else 2)  # one shuffle per epoch (images and videos apart)
     fresh = GlobalPlan(shards, global_batch=3, seed=7, image_ratio=image_ratio)
-    assert [r.key for r in fresh.batch(5 * per_epoch + 2)] == walked[5 * per_epoch + 2]
-    assert [[r.key for r in fresh.batch(p)] for p in range(6 * per_epoch)] == walked
-    assert walked[:per_epoch] != walked[per_epoch:2 * per_epoch]  # epochs are reshuffled
+    deep = sum(lengths[:5]) + 1
+    assert [r.key for r in fresh.batch(deep)] == walked[deep]
+    assert [[r.key for r in fresh.batch(p)] for p in range(sum(lengths))] == walked
+    assert walked[:lengths[0]] != walked[lengths[0]:lengths[0] + lengths[1]]  # epochs are reshuffled
+
+
+@pytest.mark.parametrize("image_ratio", [0.0, 0.2, 0.5, 0.8, 1.0])
+def test_the_image_ratio_holds_to_the_end_of_every_epoch(tmp_path_factory, image_ratio):
+    """Each batch slot is an image with probability image_ratio, to the last one: the epoch ends where the kind
+    drawn runs out. It used to append the other kind's surplus as a one-kind tail, so image_ratio=0 (the caption
+    stage) still trained every image, all at the end of each epoch."""
+    folder = make_shards(tmp_path_factory.mktemp("mix") / "shards", n_video=60, n_image=60, per_shard=30)
+    plan = GlobalPlan(resolve_shards([str(folder)]), global_batch=1, seed=3, image_ratio=image_ratio)
+    kinds = "".join("i" if plan.frames[b[0]] == 1 else "v" for e in range(20) for b in plan.epoch(e))
+    if image_ratio in (0, 1):
+        assert set(kinds) == {"i" if image_ratio else "v"}
+        assert "left out" in plan.mix_note()
+    else:
+        assert abs(kinds.count("i") / len(kinds) - image_ratio) < 0.05, kinds.count("i") / len(kinds)
+        for e in range(20):  # no one-kind tail: the last quarter of an epoch mixes like the rest
+            epoch = "".join("i" if plan.frames[b[0]] == 1 else "v" for b in plan.epoch(e))
+            tail = epoch[-len(epoch) // 4:]
+            assert abs(tail.count("i") / len(tail) - image_ratio) < 0.45, epoch
+        assert plan.mix_note() is None
 
 
 def test_a_sample_that_goes_bad_after_the_scan_is_named(shards, tmp_path):

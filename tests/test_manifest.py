@@ -109,14 +109,20 @@ def reference_epoch(refs, global_batch, gen, image_ratio):
     if image_ratio is None:
         return batches(refs)
     images, videos = batches([r for r in refs if r[2] == 1]), batches([r for r in refs if r[2] != 1])
+    if image_ratio == 0 or not images:
+        return videos
+    if image_ratio == 1 or not videos:
+        return images
     out = []
-    while images or videos:
-        pick = bool(images) and (not videos or torch.rand(1, generator=gen).item() < image_ratio)
-        out.append((images if pick else videos).pop(0))
+    for u in torch.rand(len(images) + len(videos), generator=gen).tolist():  # one draw per slot, as the plan's
+        pool = images if u < image_ratio else videos
+        if not pool:  # the kind drawn has run out: the epoch ends here
+            break
+        out.append(pool.pop(0))
     return out
 
 
-@pytest.mark.parametrize("global_batch,image_ratio", [(1, None), (3, None), (4, 0.3), (7, 0.8), (2, 0.0)])
+@pytest.mark.parametrize("global_batch,image_ratio", [(1, None), (3, None), (4, 0.3), (7, 0.8), (2, 0.0), (2, 1.0), (1, 0.5)])
 def test_columnar_plan_equals_the_per_sample_reference(tmp_path, global_batch, image_ratio):
     rng = random.Random(global_batch)
     buckets = ["1x8x8", "1x4x4", "3x8x8", "5x4x8", "2x2x2"]

@@ -3,6 +3,7 @@ stages, explicit uniform sampling, non-finite losses, and errors before training
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,6 +101,31 @@ def test_stop_file_from_the_launcher_stops_like_a_signal(shards, tmp_path):
     train(*train_args(tmp_path, shards, f"train.max_steps={last + 1}"))  # the requeued job resumes
     assert not (tmp_path / "STOP").exists() and not (tmp_path / "REQUEUE").exists()
     assert read_metrics(tmp_path)[-1]["step"] == last + 1
+    # a STOP that the launcher writes while the next job is still starting up (its mtime is after the process
+    # started) is kept: the run stops at its first step instead of erasing the request and training on
+    (tmp_path / "STOP").touch()
+    os.utime(tmp_path / "STOP", (time.time() + 3600, time.time() + 3600))
+    proc = train(*train_args(tmp_path, shards, f"train.max_steps={last + 10}"), check=False)
+    assert proc.returncode == REQUEUE_EXIT_CODE, proc.stderr[-3000:]
+    assert read_metrics(tmp_path)[-1]["step"] == last + 2
+
+
+@pytest.mark.slow
+def test_a_resume_needs_neither_the_previous_stage_nor_an_ema_in_its_checkpoint(shards, tmp_path):
+    """train.init_from is read by a fresh run only: a resume takes every weight from its checkpoint, so the previous
+    stage's run dir may be gone. Turning train.ema_decay on for a resumed run starts the EMA from its weights
+    (it crashed on the missing EMA file)."""
+    train(*train_args(tmp_path / "a", shards, "train.max_steps=1"))
+    b = tmp_path / "b"
+    train(*train_args(b, shards, "train.max_steps=2", f"train.init_from={tmp_path / 'a'}"))
+    shutil.rmtree(tmp_path / "a")
+    proc = train(*train_args(b, shards, "train.max_steps=3", f"train.init_from={tmp_path / 'a'}",
+                             "train.ema_decay=0.5"))
+    assert "has no EMA" in proc.stderr
+    assert read_metrics(b)[-1]["step"] == 3 and (b / "final_model_ema" / "config.json").is_file()
+    # a fresh run with a missing init_from fails before any process group starts, naming the field
+    proc = train(*train_args(tmp_path / "c", shards, f"train.init_from={tmp_path / 'a'}"), check=False)
+    assert proc.returncode != 0 and "train.init_from" in proc.stderr and "does not exist" in proc.stderr
 
 
 @pytest.mark.slow

@@ -212,7 +212,10 @@ class GlobalPlan:
         listing = json.dumps(sorted(counts.items()) + sorted(Path(p).name for p in self.bad_paths))
         return {"samples": len(self.samples), "shards": len(counts), "unreadable_shards": len(self.bad_paths),
                 "seed": self.seed, "image_ratio": self.image_ratio, "global_batch": self.global_batch,
-                "shards_sha256": hashlib.sha256(listing.encode()).hexdigest()[:16]}
+                "shards_sha256": hashlib.sha256(listing.encode()).hexdigest()[:16],
+                # the image/video mix changed (no one-kind tail): a checkpoint of the old mix resumes only with
+                # train.resume_with_new_data (plans without a ratio are unchanged)
+                **({"mix": 2} if self.image_ratio is not None else {})}
 
     def _batches(self, idx: np.ndarray, gen: torch.Generator) -> np.ndarray:
         """Shuffle the samples `idx`, then cut each bucket's samples, in shuffled order, into global batches; a
@@ -234,28 +237,60 @@ class GlobalPlan:
             return np.empty((0, g), dtype=np.int64)
         return np.concatenate(groups)[np.argsort(np.concatenate(completed))]
 
+    def _mixed(self, gen: torch.Generator) -> np.ndarray:
+        """An epoch under `image_ratio`: each slot is an image batch with probability image_ratio, a video batch
+        otherwise, and the epoch ends at the first slot whose kind has run out. The other kind's remaining batches
+        sit this epoch out (the next epoch reshuffles everything), so the ratio holds to the end instead of one
+        kind's surplus making a one-kind tail. 0 trains videos only, 1 images only; data holding only one kind
+        trains that kind (`mix_note` says so)."""
+        is_image = self.frames[self.samples] == 1
+        images = self._batches(self.samples[is_image], gen)
+        videos = self._batches(self.samples[~is_image], gen)
+        r = self.image_ratio
+        if r == 0 or not len(images):
+            return videos
+        if r == 1 or not len(videos):
+            return images
+        draws = torch.rand(len(images) + len(videos), generator=gen).numpy() < r  # more slots cannot be used
+        n_img, n_vid = np.cumsum(draws), np.cumsum(~draws)
+        # the first slot that asks for an image (video) batch beyond the last one ends the epoch
+        over = (draws & (n_img > len(images))) | (~draws & (n_vid > len(videos)))
+        slots = draws[:int(np.argmax(over))] if over.any() else draws
+        out = np.empty((len(slots), self.global_batch), dtype=np.int64)
+        out[slots] = images[:int(slots.sum())]
+        out[~slots] = videos[:int((~slots).sum())]
+        return out
+
+    def mix_note(self) -> str | None:
+        """What `image_ratio` leaves out on this data (0: the images, 1: the videos), or why it cannot be honoured
+        (one kind absent); None when the mix is as asked."""
+        r = self.image_ratio
+        if r is None:
+            return None
+        n_images = int((self.frames[self.samples] == 1).sum())
+        n_videos = len(self.samples) - n_images
+        if r == 0 and n_images:
+            return f"data.image_ratio=0 trains videos only: the {n_images} image samples are left out"
+        if r == 1 and n_videos:
+            return f"data.image_ratio=1 trains images only: the {n_videos} video samples are left out"
+        if 0 < r < 1 and not (n_images and n_videos):
+            have = "images" if n_images else "videos"
+            return f"data.image_ratio={r}, but the data holds {have} only: training on {have} alone"
+        return None
+
     def epoch(self, epoch: int) -> np.ndarray:
         """The epoch's global batches: [batches, global_batch] sample indices."""
         if epoch not in self._epochs:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             if self.image_ratio is None:
                 batches = self._batches(self.samples, gen)
-            else:  # explicit mix: each slot is an image batch with probability image_ratio, at random positions
-                is_image = self.frames[self.samples] == 1
-                images = self._batches(self.samples[is_image], gen)
-                videos = self._batches(self.samples[~is_image], gen)
-                order, i, v = [], 0, 0
-                while i < len(images) or v < len(videos):
-                    pick_image = i < len(images) and (v == len(videos)
-                                                      or torch.rand(1, generator=gen).item() < self.image_ratio)
-                    order.append(("i", i) if pick_image else ("v", v))
-                    i, v = (i + 1, v) if pick_image else (i, v + 1)
-                batches = np.stack([images[j] if kind == "i" else videos[j] for kind, j in order]) if order else \
-                    np.empty((0, self.global_batch), dtype=np.int64)
+            else:
+                batches = self._mixed(gen)
             if not len(batches):
                 buckets = sorted({self.bucket_names[b] for b in np.unique(self.bucket_ids[self.samples])})
-                raise ShardError(f"not one global batch of {self.global_batch} samples fits in one bucket; "
-                                 f"buckets: {buckets}")
+                only = {0: " (data.image_ratio=0 trains videos only)", 1: " (data.image_ratio=1 trains images only)"}
+                raise ShardError(f"not one global batch of {self.global_batch} samples fits in one bucket"
+                                 f"{only.get(self.image_ratio, '')}; buckets: {buckets}")
             self._epochs = {epoch: batches}  # keep one epoch in memory
             self._lengths[epoch] = len(batches)
         return self._epochs[epoch]

@@ -25,6 +25,12 @@ class EMA:
         self.shadow = {n: _local(p).detach().float().clone() for n, p in self.named}
 
     @torch.no_grad()
+    def reset(self) -> None:
+        """Start again from the model's current weights (a resumed run that turns the EMA on)."""
+        for n, p in self.named:
+            self.shadow[n].copy_(_local(p))
+
+    @torch.no_grad()
     def update(self) -> None:
         for n, p in self.named:
             self.shadow[n].lerp_(_local(p).float(), 1.0 - self.decay)

@@ -120,8 +120,9 @@ def _zero_kind(stage) -> str:
     return {0: "0", 3: "3"}.get(stage, "1-2")
 
 
-def build_engine(cfg: Config, ds_config: dict):
-    """The DeepSpeed engine around the transformer (weights from train.init_from or a seeded init)."""
+def build_engine(cfg: Config, ds_config: dict, resuming: bool = False):
+    """The DeepSpeed engine around the transformer (weights from train.init_from or a seeded init; see
+    `init_weights` for `resuming`)."""
     import deepspeed
 
     from cogvx_ds.models import CogVideoXTransformer
@@ -133,7 +134,7 @@ def build_engine(cfg: Config, ds_config: dict):
     with deepspeed.zero.Init(data_parallel_group=state.dp_sp_group(), mpu=mpu, config_dict_or_path=ds_config,
                              enabled=zero3):
         model = CogVideoXTransformer(cfg.model)
-    init_weights(model, cfg)
+    init_weights(model, cfg, resuming)
     if zero3:
         # Gather each expert block's parameters as one unit: ZeRO-3 then hooks the blocks, not every linear and
         # norm inside them (one all-gather per block, and far less Python per step: the demo's HQ stage, SP=2,
@@ -157,25 +158,50 @@ def build_engine(cfg: Config, ds_config: dict):
     return engine, model
 
 
-def init_weights(model, cfg: Config) -> None:
+def init_source(src: str) -> tuple[str, Path]:
+    """What train.init_from names: ("sat", a SAT .pt file or folder) or ("diffusers", the transformer folder of a
+    diffusers model, a pipeline, or a finished run dir's final_model/). Errors name the field; called before any
+    process group starts."""
+    path = Path(src)
+    if not path.exists():
+        raise FileNotFoundError(f"train.init_from: {path} does not exist")
+    if (path / "final_model" / "config.json").is_file():
+        return "diffusers", path / "final_model"  # a previous stage's run dir
+    run_dir = path.parent if path.name == "checkpoints" else path
+    if path.is_dir() and ((run_dir / "checkpoints").is_dir() or any(path.glob("*/trainer_state.json"))
+                          or (path / "trainer_state.json").is_file()):
+        raise ValueError(f"train.init_from: {path} is a training run (DeepSpeed checkpoints) without final_model/: "
+                         f"that run did not finish. Export one of its checkpoints (python -m cogvx_ds.export "
+                         f"--run-dir {run_dir} --checkpoint latest --out <dir> ..., launched like that training) and "
+                         f"set train.init_from=<dir>/transformer, or let the run finish")
+    if path.suffix == ".pt" or (path.is_dir() and any(path.rglob("mp_rank_00_model_states.pt"))):
+        return "sat", path
+    from cogvx_ds.checkpoint.diffusers_io import _model_folder
+
+    try:
+        return "diffusers", _model_folder(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"train.init_from: {e}") from None
+
+
+def init_weights(model, cfg: Config, resuming: bool = False) -> None:
+    """Weights from train.init_from, or a seeded init; a resumed run takes the seeded init (its checkpoint then
+    overwrites every weight: the previous stage need not be there any more)."""
     src = cfg.train.init_from
-    if not src:
+    if not src or resuming:
         model.init_weights(cfg.model.seed)
         return
-    from cogvx_ds.checkpoint.diffusers_io import LazySafetensors, _model_folder
+    from cogvx_ds.checkpoint.diffusers_io import LazySafetensors
     from cogvx_ds.checkpoint.layout import load_full_state_dict
     from cogvx_ds.checkpoint.sat import read_sat_file, sat_to_diffusers
 
-    path = Path(src)
-    if (path / "final_model" / "config.json").is_file():
-        path = path / "final_model"  # a previous stage's run dir
-    if path.suffix == ".pt" or (path.is_dir() and any(path.rglob("mp_rank_00_model_states.pt"))):
+    kind, path = init_source(src)
+    if kind == "sat":
         source = sat_to_diffusers(read_sat_file(path, cfg.train.allow_unsafe_pickle))
         name = f"SAT checkpoint {path}"
     else:
-        folder = _model_folder(path)
-        _check_same_maths(folder, cfg.model)
-        source, name = LazySafetensors(folder), str(folder)
+        _check_same_maths(path, cfg.model)
+        source, name = LazySafetensors(path), str(path)
     load_full_state_dict(model, source, source_name=name)
 
 
@@ -203,9 +229,20 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        import psutil
+
+        self.started = psutil.Process().create_time()
+        # a preemption signal during start-up (minutes at scale) stops the run at its first step, not outright
+        self.stop_signal = None
+        self._install_signal_handlers()
         # Input errors fail here, before any process group starts.
         self.shards = resolve_shards(cfg.data.shards)
         self.ds_config = build_ds_config(cfg)
+        resuming = (self.ckpt_dir / "latest").is_file()
+        if cfg.train.init_from and not resuming:  # (a resume takes every weight from its checkpoint)
+            kind, path = init_source(cfg.train.init_from)
+            if kind == "diffusers":
+                _check_same_maths(path, cfg.model)
         init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.sequence_parallel, cfg.parallel.backend,
                          cfg.parallel.timeout_minutes)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -218,7 +255,7 @@ class Trainer:
         self.device = torch.device("cuda", local_gpu()) if torch.cuda.is_available() else torch.device("cpu")
         self.schedule = NoiseSchedule.from_config(cfg.diffusion)
         self.resume_from = self._check_resumable()  # before the engine is built: a mismatch fails in seconds
-        self.engine, self.model = build_engine(cfg, self.ds_config)
+        self.engine, self.model = build_engine(cfg, self.ds_config, resuming=self.resume_from is not None)
         from cogvx_ds.train.ema import EMA
 
         self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
@@ -226,7 +263,8 @@ class Trainer:
         self.plan = GlobalPlan(self.shards, self.global_batch, cfg.data.seed, cfg.data.image_ratio)
         self._agree_on_shards()
         self._check_data_plan()
-        self.stop_signal = None
+        if self.is_main and self.plan.mix_note():
+            print(f"note: {self.plan.mix_note()}", file=sys.stderr, flush=True)
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.empty_text = None
@@ -331,14 +369,13 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
             for marker in (STOP_FILE, REQUEUE_FILE):  # left by the previous (preempted) job of this run
-                (self.run_dir / marker).unlink(missing_ok=True)
+                _remove_if_older(self.run_dir / marker, self.started)  # not one written during this start-up
         dist.barrier()
         from cogvx_ds.train.metrics import MetricsLogger
 
         logger = MetricsLogger(self.run_dir, enabled=self.is_main, resume_step=start_step)
         loader = RankLoader(self.plan, state.dp_rank(), state.dp_size(), t.micro_batch_size,
                             t.gradient_accumulation_steps, start_position=position, prefetch=cfg.data.prefetch)
-        self._install_signal_handlers()
         tp = state.tp_size()
         step = start_step
         from tqdm import tqdm
@@ -469,8 +506,7 @@ class Trainer:
                              "nonfinite_skipped": self.nonfinite_total}
             atomic_write_text(self.ckpt_dir / tag / "trainer_state.json", json.dumps(trainer_state, indent=2))
             atomic_write_text(self.ckpt_dir / "latest", tag)  # only after every rank finished
-            tags = sorted(p.name for p in self.ckpt_dir.glob("step*") if p.is_dir())
-            for old in tags[:-self.cfg.train.keep_last]:
+            for old in prunable_checkpoints(self.ckpt_dir, step, self.cfg.train.keep_last):
                 shutil.rmtree(self.ckpt_dir / old, ignore_errors=True)
         dist.barrier()
 
@@ -567,7 +603,14 @@ class Trainer:
                                f"above: a file of the checkpoint is missing or unreadable); not resuming on partial "
                                f"state")
         if self.ema is not None:
-            self.ema.load(self.ckpt_dir / tag / f"ema_rank{self.rank:05d}.safetensors")
+            ema_file = self.ckpt_dir / tag / f"ema_rank{self.rank:05d}.safetensors"
+            if ema_file.is_file():
+                self.ema.load(ema_file)
+            else:  # written without train.ema_decay (the save records and checks every file it wrote)
+                self.ema.reset()
+                if self.is_main:
+                    print(f"note: {self.ckpt_dir / tag} has no EMA (train.ema_decay was off when it was written); "
+                          f"the EMA starts from its weights", file=sys.stderr, flush=True)
         if self.is_main:
             print(f"resumed from {self.ckpt_dir / tag} (step {st['step']}, data position {st['data_position']})",
                   flush=True)
@@ -590,6 +633,29 @@ class Trainer:
         if flag.item() and not self.stop_signal:
             self.stop_signal = "a peer's signal"
         return bool(flag.item())
+
+
+def prunable_checkpoints(ckpt_dir: Path, step: int, keep_last: int) -> list[str]:
+    """The step* checkpoints to delete after the one of `step` was written: all but the newest keep_last - 1 of
+    those *before* it. The one just written is never among them, nor a later-numbered folder (left by a save that
+    was killed, or by a run rolled back by pointing `latest` at an older checkpoint; overwritten when the run gets
+    there): ordering by name kept that one and deleted the checkpoint just written."""
+    older = []
+    for p in ckpt_dir.glob("step*"):
+        digits = p.name[len("step"):]
+        if p.is_dir() and digits.isdigit() and int(digits) < step:
+            older.append((int(digits), p.name))
+    older.sort()
+    return [name for _, name in older[:max(0, len(older) - (keep_last - 1))]]
+
+
+def _remove_if_older(path: Path, than: float) -> None:
+    """Delete `path` if it was last written before time `than` (a marker of an earlier job, not of this one)."""
+    try:
+        if path.stat().st_mtime < than:
+            path.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
 
 
 def _to_float(x) -> float | None:
