@@ -40,29 +40,33 @@ TRAIN_ARGS=(--config "$MODEL" --config "$STAGE_CONFIG" "train.run_dir=$RUN_DIR" 
 echo "[$(date -Is)] job $JOB_ID stage $STAGE: $NODES node(s) x $GPUS_PER_NODE = $WORLD processes, launcher $LAUNCHER," \
      "rendezvous $MASTER_ADDR:$MASTER_PORT, run dir $RUN_DIR"
 
+# The markers belong to this job: one left by an earlier job would stop this one at once (STOP) or requeue it
+# after a failure that happened before the trainer got to clear it (REQUEUE), again and again.
+rm -f "$RUN_DIR/STOP" "$RUN_DIR/REQUEUE"
+# From here on a preemption signal is a request to checkpoint and stop (the trainer keeps a STOP written while it
+# starts up, and stops at its first step).
+trap 'echo "[$(date -Is)] preemption signal: asking the trainer to checkpoint and stop"; touch "$RUN_DIR/STOP"' USR1
+
 # A bad config fails here, before any GPU process starts.
 if ! WORLD_SIZE=$WORLD "$PYTHON" -m cogvx_ds.train "${TRAIN_ARGS[@]}" --print-config > "$RUN_DIR/resolved_config.yaml"; then
     echo "config check failed (see above); nothing was launched" >&2
     exit 2
 fi
 
-# The markers belong to this job: one left by an earlier job would stop this one at once (STOP) or requeue it
-# after a failure that happened before the trainer got to clear it (REQUEUE), again and again.
-rm -f "$RUN_DIR/STOP" "$RUN_DIR/REQUEUE"
-# Since Slurm 22.05 srun no longer inherits the job's --cpus-per-task: give each step's task the same CPUs.
-[ -n "${SLURM_CPUS_PER_TASK:-}" ] && export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
-trap 'echo "[$(date -Is)] preemption signal: asking the trainer to checkpoint and stop"; touch "$RUN_DIR/STOP"' USR1
-
 case "$LAUNCHER" in
   torchrun)
-    srun --ntasks-per-node=1 --kill-on-bad-exit=1 "$PYTHON" -m torch.distributed.run --nnodes="$NODES" \
-        --nproc_per_node="$GPUS_PER_NODE" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" \
-        --rdzv_id="$JOB_ID" -m cogvx_ds.train "${TRAIN_ARGS[@]}" &
+    # Since Slurm 22.05 srun no longer inherits the job's --cpus-per-task: one agent per node gets them all.
+    [ -n "${SLURM_CPUS_PER_TASK:-}" ] && export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
+    srun --nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 "$PYTHON" -m torch.distributed.run \
+        --nnodes="$NODES" --nproc_per_node="$GPUS_PER_NODE" --rdzv_backend=c10d \
+        --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$JOB_ID" -m cogvx_ds.train "${TRAIN_ARGS[@]}" &
     ;;
   srun)  # one task per GPU; cogvx_ds reads RANK/WORLD_SIZE/LOCAL_RANK from SLURM_PROCID/NTASKS/LOCALID
-    # --ntasks too: the job's own SLURM_NTASKS (one per node) would otherwise override --ntasks-per-node
-    srun --ntasks="$WORLD" --ntasks-per-node="$GPUS_PER_NODE" --kill-on-bad-exit=1 "$PYTHON" -m cogvx_ds.train \
-        "${TRAIN_ARGS[@]}" &
+    # --ntasks too: the job's own SLURM_NTASKS (one per node) would otherwise override --ntasks-per-node; each
+    # task gets its share of the node's CPUs (the job's --cpus-per-task is per node here: one task per node)
+    [ -n "${SLURM_CPUS_PER_TASK:-}" ] && export SRUN_CPUS_PER_TASK=$(( SLURM_CPUS_PER_TASK / GPUS_PER_NODE > 0 ? SLURM_CPUS_PER_TASK / GPUS_PER_NODE : 1 ))
+    srun --nodes="$NODES" --ntasks="$WORLD" --ntasks-per-node="$GPUS_PER_NODE" --kill-on-bad-exit=1 "$PYTHON" \
+        -m cogvx_ds.train "${TRAIN_ARGS[@]}" &
     ;;
   deepspeed)
     scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | sed "s/\$/ slots=$GPUS_PER_NODE/" > "$RUN_DIR/hostfile"
@@ -88,7 +92,11 @@ done
 
 if [ -f "$RUN_DIR/REQUEUE" ]; then
     echo "[$(date -Is)] checkpoint written ($(cat "$RUN_DIR/REQUEUE")); requeueing job $JOB_ID"
-    scontrol requeue "$JOB_ID"
+    if ! scontrol requeue "$JOB_ID"; then
+        # not 0: an `afterok` dependency would start the next stage on a run without final_model/
+        echo "[$(date -Is)] scontrol requeue failed: resubmit this script to resume from the checkpoint" >&2
+        exit 75
+    fi
     exit 0
 fi
 echo "[$(date -Is)] launcher exited with $RC"

@@ -4,7 +4,10 @@
 # NPROC defaults to the number of GPUs, or 1 without any.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
+# the project's venv (make venv) when there is one, as launch/demo.sh
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+fi
 if [ -z "${NPROC:-}" ]; then
     NPROC=$("$PYTHON" -c "import torch; print(max(1, torch.cuda.device_count()))")
 fi

@@ -30,6 +30,7 @@ exit "${STUB_RC:-0}"
 STUB_SCONTROL = r"""#!/usr/bin/env bash
 echo "scontrol $*" >> "$STUB_LOG"
 if [ "$1 $2" = "show hostnames" ]; then printf 'node001\nnode002\n'; fi
+if [ "$1" = requeue ] && [ -n "${STUB_REQUEUE_FAIL:-}" ]; then exit 1; fi
 """
 STUB_LOGGER = r"""#!/usr/bin/env bash
 echo "$(basename "$0") $*" >> "$STUB_LOG"
@@ -74,7 +75,9 @@ def test_torchrun_launch_counts_rendezvous_and_config(env):
     proc = _sbatch("train_lq.sbatch", env)
     assert proc.returncode == 0, proc.stderr
     (line,) = [x for x in log(env) if x.startswith("srun")]
-    assert "--ntasks-per-node=1" in line and "-m torch.distributed.run --nnodes=2 --nproc_per_node=4" in line
+    # one agent per node, on NODES nodes (a smaller NODES than the allocation must not start extra agents)
+    assert "srun --nodes=2 --ntasks=2 --ntasks-per-node=1" in line
+    assert "-m torch.distributed.run --nnodes=2 --nproc_per_node=4" in line
     assert "--rdzv_backend=c10d --rdzv_endpoint=node001:14242 --rdzv_id=4242 -m cogvx_ds.train" in line
     assert f"--config model/tiny --config stages/lq_pretrain train.run_dir={env['RUN_DIR']}" in line
     assert f"data.shards=[{env['DATA']}]" in line
@@ -85,7 +88,7 @@ def test_srun_and_deepspeed_launchers(env):
     assert _sbatch("train_hq.sbatch", env, LAUNCHER="srun", EXTRA_ARGS="train.lr=5e-5").returncode == 0
     (line,) = [x for x in log(env) if x.startswith("srun")]
     # 2 nodes x 4: --ntasks as well, or the job's own SLURM_NTASKS (one per node) would win over --ntasks-per-node
-    assert "srun --ntasks=8 --ntasks-per-node=4 --kill-on-bad-exit=1" in line and "stages/hq_finetune" in line
+    assert "srun --nodes=2 --ntasks=8 --ntasks-per-node=4 --kill-on-bad-exit=1" in line and "stages/hq_finetune" in line
     assert line.endswith("train.lr=5e-5")
     assert _sbatch("train_caption.sbatch", env, LAUNCHER="deepspeed").returncode == 0
     (line,) = [x for x in log(env) if x.startswith("deepspeed")]
@@ -105,6 +108,21 @@ def test_preemption_signal_checkpoints_and_requeues(env):
     assert proc.returncode == 0, err
     assert "scontrol requeue 4242" in log(env)
     assert "preemption signal" in out and "requeueing job 4242" in out
+
+
+def test_a_refused_requeue_is_not_a_success(env):
+    """exit 0 after a failed `scontrol requeue` would let an `afterok` dependency start the next stage on a run
+    that has no final_model/."""
+    proc = subprocess.Popen(["bash", str(ROOT / "launch" / "train_lq.sbatch")],
+                            env=dict(env, STUB_WAIT_STOP="1", STUB_REQUEUE_FAIL="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    t0 = time.time()
+    while not any(x.startswith("srun") for x in log(env)):
+        assert time.time() - t0 < 90 and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75 and "scontrol requeue failed" in err
 
 
 def test_finished_run_is_not_requeued_and_failures_propagate(env):
@@ -127,7 +145,10 @@ def test_markers_of_an_earlier_job_neither_stop_nor_requeue_this_one(env):
 def test_steps_get_the_jobs_cpus_per_task(env):
     """srun (Slurm >= 22.05) does not pass the job's --cpus-per-task on to its steps: the scripts do."""
     assert _sbatch("train_lq.sbatch", env, SLURM_CPUS_PER_TASK="64").returncode == 0
-    assert "env-srun SRUN_CPUS_PER_TASK=64" in log(env)
+    assert "env-srun SRUN_CPUS_PER_TASK=64" in log(env)  # torchrun: one agent per node takes them all
+    Path(env["STUB_LOG"]).unlink()
+    assert _sbatch("train_lq.sbatch", env, SLURM_CPUS_PER_TASK="64", LAUNCHER="srun").returncode == 0
+    assert "env-srun SRUN_CPUS_PER_TASK=16" in log(env)  # srun: a task per GPU, 4 per node share the 64
 
 
 def test_bad_config_launches_nothing(env):
