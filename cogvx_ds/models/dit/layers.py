@@ -83,12 +83,28 @@ class _LocalLinear:
         return _linear_impl(self, super()._forward_impl, input, weight, **kwargs)
 
 
+def _mark_tensor_parallel(weight: torch.Tensor, dim: int) -> None:
+    """Flag a TP-sharded weight as Megatron's GPU initialisation does. With use_cpu_initialization and no
+    initialisation (our weights come from cogvx_ds.checkpoint) Megatron leaves the weights unflagged, and
+    DeepSpeed's gradient norm then counts them on TP rank 0 only, as if replicated: a wrong norm under TP > 1,
+    so wrong clipping (and logged grad_norm)."""
+    weight.tensor_model_parallel, weight.partition_dim, weight.partition_stride = True, dim, 1
+
+
 class ColumnLinear(_LocalLinear, ColumnParallelLinear):
     """Megatron's ColumnParallelLinear (see _LocalLinear)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _mark_tensor_parallel(self.weight, 0)
 
 
 class RowLinear(_LocalLinear, RowParallelLinear):
     """Megatron's RowParallelLinear (see _LocalLinear)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _mark_tensor_parallel(self.weight, 1)
 
 
 def _to(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
