@@ -139,7 +139,12 @@ def export_transformer_from_checkpoint(run_dir: Path, out: Path, tag: str) -> No
     engine, model = build_engine(cfg, build_ds_config(cfg))
     ckpt = run_dir / "checkpoints"
     tag = checkpoint_tag(run_dir, tag)
-    engine.load_checkpoint(str(ckpt), tag=tag, load_optimizer_states=False, load_lr_scheduler_states=False)
+    # With the optimizer states: without them DeepSpeed's ZeRO-3 loader consolidates the fp32 weights from
+    # `latest` whatever the tag (and is not TP-aware: "Expected 1 of '*_optim_states.pt' ... found 2")
+    load_path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load {ckpt / tag} (see its warning above)")
     model.save_diffusers(out / "transformer")
     if dist.get_rank() == 0:
         print(f"exported {ckpt / tag} (world {os.environ.get('WORLD_SIZE')}) to {out / 'transformer'}")

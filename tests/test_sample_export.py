@@ -154,21 +154,30 @@ def test_sample_cli_writes_videos(run_dir, tmp_path):
 
 @pytest.mark.slow
 def test_export_from_a_zero3_checkpoint_equals_final_model(run_dir, tmp_path):
-    """Consolidating the DeepSpeed ZeRO-3 checkpoint gives exactly the weights the run exported at its end."""
+    """Consolidating a DeepSpeed ZeRO-3 checkpoint gives exactly the weights of that step: `latest` equals what
+    the run exported at its end, and an earlier tag equals a run stopped there (DeepSpeed's consolidation without
+    optimizer states read `latest` whatever tag was asked for)."""
     sys.path.insert(0, str(Path(__file__).parent))
     from train_helpers import make_shards, train_args
 
-    shards = make_shards(tmp_path / "shards", n_video=8)
-    run = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "cogvx_ds.train", *train_args(run, shards, "train.max_steps=2")],
-                   check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "cogvx_ds.export", f"--run-dir={run}", f"--out={tmp_path / 'pipe'}",
-                    f"--vae={run_dir / 'vae'}", f"--text-encoder={run_dir / 't5'}", "--checkpoint=latest"],
-                   check=True, capture_output=True)
     from cogvx_ds.checkpoint.diffusers_io import LazySafetensors
 
-    a, b = LazySafetensors(run / "final_model"), LazySafetensors(tmp_path / "pipe" / "transformer")
-    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    def same(x, y):
+        a, b = LazySafetensors(x), LazySafetensors(y)
+        return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+    shards = make_shards(tmp_path / "shards", n_video=8)
+    for name, steps in (("two", 2), ("four", 4)):  # a constant LR: the first two steps are the same in both
+        subprocess.run([sys.executable, "-m", "cogvx_ds.train",
+                        *train_args(tmp_path / name, shards, f"train.max_steps={steps}", "train.lr_schedule=constant")],
+                       check=True, capture_output=True)
+    for tag in ("latest", "step00000002"):
+        subprocess.run([sys.executable, "-m", "cogvx_ds.export", f"--run-dir={tmp_path / 'four'}",
+                        f"--out={tmp_path / tag}", f"--vae={run_dir / 'vae'}", f"--text-encoder={run_dir / 't5'}",
+                        f"--checkpoint={tag}"], check=True, capture_output=True)
+    assert same(tmp_path / "four" / "final_model", tmp_path / "latest" / "transformer")
+    assert same(tmp_path / "two" / "final_model", tmp_path / "step00000002" / "transformer")
+    assert not same(tmp_path / "two" / "final_model", tmp_path / "four" / "final_model")
 
 
 def test_sampling_components_load_onto_the_chosen_device(run_dir):

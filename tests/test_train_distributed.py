@@ -92,3 +92,22 @@ def _assert_same_training(reference, run, root, name):
     assert worst < WEIGHT_ATOL, (name, worst)
     moved = max((ref_w[k] - LazySafetensors(root / "init")[k]).abs().max().item() for k in ref_w)
     assert moved > 100 * WEIGHT_ATOL  # training really changed the weights, so the comparison means something
+
+
+@pytest.mark.slow
+def test_export_of_a_tp2_zero3_checkpoint_equals_its_final_model(setup, torchrun):
+    """`export --checkpoint` launched with the training layout (TP=2): DeepSpeed's consolidation without optimizer
+    states is not TP-aware ("Expected 1 of '*_optim_states.pt' ... found 2") and read `latest` for any tag."""
+    from cogvx_ds.models.text_encoder import build_tiny_t5
+    from cogvx_ds.models.vae import CogVideoXVAE, CogVideoXVAEConfig
+
+    root, shards = setup
+    run = _run(torchrun, root, shards, "tp2_export", 2, tp=2)
+    model = load_config("tiny").model
+    CogVideoXVAE(CogVideoXVAEConfig(block_out_channels=(8, 16, 16, 16), latent_channels=model.in_channels, layers_per_block=1,
+                                    norm_num_groups=4)).save_diffusers(root / "vae")
+    build_tiny_t5(root / "t5", d_model=model.text_embed_dim)
+    torchrun(2, "-m", "cogvx_ds.export", f"--run-dir={run}", f"--out={root / 'tp2_pipe'}", f"--vae={root / 'vae'}",
+             f"--text-encoder={root / 't5'}", "--checkpoint=latest", timeout=600)
+    a, b = LazySafetensors(run / "final_model"), LazySafetensors(root / "tp2_pipe" / "transformer")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
