@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,12 +57,32 @@ def local_gpu() -> int:
     return int(os.environ.get("LOCAL_RANK", 0)) % max(1, torch.cuda.device_count())
 
 
+# step ids of a batch script's own shell and of the extern step (names, or their numeric values): one process
+_NOT_A_TASK_STEP = {"batch", "extern", "interactive", "4294967293", "4294967294", "4294967295"}
+
+
+def slurm_step_task(env=None) -> tuple[int, int] | None:
+    """(SLURM_PROCID, task count) when this process is a task of an `srun` job step, else None: outside Slurm, and
+    in a batch script's own shell, which has SLURM_PROCID=0 and the job's SLURM_NTASKS too but is one process
+    (srun sets SLURM_STEP_ID / SLURM_STEP_NUM_TASKS for the tasks it starts)."""
+    env = os.environ if env is None else env
+    step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))
+    if "SLURM_PROCID" not in env or step is None or step in _NOT_A_TASK_STEP:
+        return None
+    return int(env["SLURM_PROCID"]), int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
+
+
 def single_process_env() -> None:
     """Without a launcher (no torchrun/deepspeed env, and not one of several srun tasks), set what one process needs
-    to start torch.distributed. A single Slurm task counts as one process: a batch script's own shell has
-    SLURM_PROCID=0 too, and `srun -n 1` is one process."""
-    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1") if "SLURM_PROCID" in os.environ else 1) > 1:
+    to start torch.distributed. A single Slurm task counts as one process, and so does a batch script's own shell
+    (see `slurm_step_task`): it used to wait for SLURM_NTASKS peers that never came."""
+    task = slurm_step_task()
+    if "WORLD_SIZE" in os.environ or (task is not None and task[1] > 1):
         return
+    if task is None and int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
+        print(f"note: not a task of an srun step (a batch script's own shell: SLURM_NTASKS="
+              f"{os.environ['SLURM_NTASKS']} is the job's); running as one process (launch with srun or torchrun "
+              f"for more)", file=sys.stderr, flush=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

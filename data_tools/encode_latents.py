@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 from cogvx_ds.data.shards import ShardWriter, write_index
-from cogvx_ds.utils import atomic_write_text, local_gpu, out_dir_problem, temp_path
+from cogvx_ds.utils import atomic_write_text, local_gpu, out_dir_problem, slurm_step_task, temp_path
 from data_tools.video_decode import (
     IMAGE_EXTS,
     VIDEO_EXTS,
@@ -227,20 +227,12 @@ def shard_name(shard: int) -> str:
     return f"shard-{shard:06d}"
 
 
-# srun's step ids for a batch script's own shell and the extern step: not a step of several tasks
-_NOT_A_TASK_STEP = {"batch", "extern", "4294967294", "4294967295"}
-
-
 def _launcher_rank(env) -> tuple[int, int]:
     """This process within its launch: torchrun's RANK/WORLD_SIZE, else one task of a multi-task `srun` step
-    (SLURM_PROCID of SLURM_STEP_NUM_TASKS: srun sets these for its tasks only; a batch script's own shell has
-    SLURM_PROCID=0 and the job's SLURM_NTASKS but is one process), else (0, 1)."""
+    (`cogvx_ds.utils.slurm_step_task`: a batch script's own shell is one process), else (0, 1)."""
     if "RANK" in env and "WORLD_SIZE" in env:
         return int(env["RANK"]), int(env["WORLD_SIZE"])
-    if ("SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env
-            and env.get("SLURM_STEP_ID", env.get("SLURM_STEPID")) not in _NOT_A_TASK_STEP | {None}):
-        return int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
-    return 0, 1
+    return slurm_step_task(env) or (0, 1)
 
 
 def detect_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:

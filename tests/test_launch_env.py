@@ -16,7 +16,7 @@ from cogvx_ds.utils import local_gpu, single_process_env
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
-               "SLURM_LOCALID", "SLURM_JOB_ID")
+               "SLURM_LOCALID", "SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_STEPID", "SLURM_STEP_NUM_TASKS")
 
 
 @pytest.fixture
@@ -57,8 +57,20 @@ def test_one_slurm_task_is_a_single_process(clean_env):
     assert os.environ["WORLD_SIZE"] == "1"
 
 
+def test_a_batch_scripts_own_shell_is_a_single_process(clean_env, capsys):
+    """The batch shell of a 4-node job has SLURM_PROCID=0 and SLURM_NTASKS=4 but no srun step: one process (it
+    used to take world size 4 and wait for peers that never came)."""
+    os.environ.update(SLURM_PROCID="0", SLURM_NTASKS="4", SLURM_JOB_ID="4242")
+    single_process_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("0", "1")
+    assert "running as one process" in capsys.readouterr().err
+    _env_from_slurm()
+    assert os.environ["WORLD_SIZE"] == "1"
+
+
 def test_several_slurm_tasks_take_their_env_from_slurm(clean_env):
-    os.environ.update(SLURM_PROCID="5", SLURM_NTASKS="8", SLURM_LOCALID="1", SLURM_JOB_ID="4242")
+    os.environ.update(SLURM_PROCID="5", SLURM_NTASKS="8", SLURM_LOCALID="1", SLURM_JOB_ID="4242", SLURM_STEP_ID="0",
+                      SLURM_STEP_NUM_TASKS="8")
     single_process_env()
     assert "RANK" not in os.environ
     with pytest.raises(RuntimeError, match="export MASTER_ADDR"):
@@ -108,7 +120,8 @@ def test_trainers_start_under_plain_srun(trainer, tasks):
     """What `srun --ntasks=N python -m cogvx_ds.train_vae / cogvx_ds.train` gives each task (no torchrun): the VAE
     trainer used to leave RANK unset and fall into DeepSpeed's MPI discovery ("No module named 'mpi4py'")."""
     base = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    base.update(SLURM_NTASKS=str(tasks), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    base.update(SLURM_NTASKS=str(tasks), SLURM_STEP_NUM_TASKS=str(tasks), SLURM_STEP_ID="0", OMP_NUM_THREADS="1",
+                PYTHONPATH=str(ROOT))
     if tasks > 1:
         base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, trainer], cwd=ROOT, stdout=subprocess.PIPE,

@@ -45,3 +45,47 @@ def test_init_from_is_checked_and_named(tmp_path):
     assert init_source(str(run)) == ("diffusers", run / "final_model")
     (tmp_path / "x.pt").touch()
     assert init_source(str(tmp_path / "x.pt")) == ("sat", tmp_path / "x.pt")
+
+
+def test_a_ds_config_value_the_yaml_decides_is_not_silently_replaced(tmp_path):
+    import json
+
+    import pytest
+
+    from cogvx_ds.config import load_config
+    from cogvx_ds.train.ds_config import build_ds_config
+
+    ds = tmp_path / "ds.json"
+
+    def build(doc, *overrides):
+        ds.write_text(json.dumps(doc))
+        return build_ds_config(load_config("tiny", [f"train.ds_config={ds}", "train.zero_stage=2", *overrides]))
+
+    zero = {"zero_optimization": {"stage": 2}}
+    with pytest.raises(ValueError, match="gradient_clipping = 0.5 but train.grad_clip = 1.0"):
+        build({**zero, "gradient_clipping": 0.5})
+    with pytest.raises(ValueError, match="'optimizer' section would be ignored"):
+        build({**zero, "optimizer": {"type": "Adam", "params": {"lr": 1e-4}}})
+    with pytest.raises(ValueError, match="bf16.enabled = true but train.precision = fp32"):
+        build({**zero, "bf16": {"enabled": True}})
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu = 8 but train.micro_batch_size = 2"):
+        build({**zero, "train_micro_batch_size_per_gpu": 8})
+    # the file's own precision settings survive (they were replaced by ours wholesale)
+    got = build({**zero, "fp16": {"hysteresis": 4, "initial_scale_power": 12}, "gradient_clipping": 1.0},
+                "train.precision=fp16")
+    assert got["fp16"] == {"initial_scale_power": 12, "loss_scale_window": 500, "hysteresis": 4, "enabled": True}
+
+
+def test_print_config_checks_the_ds_config_before_any_launch(tmp_path, capsys):
+    """launch/_train_common.sh runs --print-config before starting processes: a missing ds_config, or one whose
+    ZeRO stage disagrees with train.zero_stage, used to pass it and fail in every rank after launch."""
+    from pathlib import Path
+
+    from cogvx_ds.train import __main__ as train_cli
+
+    zero2 = Path(__file__).resolve().parents[1] / "ds_configs" / "zero2.json"
+    assert train_cli.main(["--config", "tiny", f"train.ds_config={tmp_path / 'nope.json'}", "--print-config"]) == 2
+    assert "train.ds_config" in capsys.readouterr().err
+    assert train_cli.main(["--config", "tiny", f"train.ds_config={zero2}", "--print-config"]) == 2
+    assert "sets ZeRO stage 2 but train.zero_stage = 3" in capsys.readouterr().err
+    assert train_cli.main(["--config", "tiny", f"train.ds_config={zero2}", "train.zero_stage=2", "--print-config"]) == 0

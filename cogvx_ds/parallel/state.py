@@ -73,10 +73,12 @@ def skip_deepspeed_cpu_shm_kernel() -> None:
 def _env_from_slurm() -> None:
     """Under plain `srun python ...` (no torchrun) derive torch.distributed's env from SLURM's. (A single Slurm task,
     e.g. a batch script's own shell, is a single process: `cogvx_ds.utils.single_process_env` fills that in.)"""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+    from cogvx_ds.utils import slurm_step_task
+
+    task = slurm_step_task()
+    if "RANK" in os.environ or task is None:
         return
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["RANK"], os.environ["WORLD_SIZE"] = str(task[0]), str(task[1])
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     # the same port as launch/_train_common.sh derives: jobs sharing a node do not collide on a fixed one
     os.environ.setdefault("MASTER_PORT", str(10000 + int(os.environ.get("SLURM_JOB_ID", 19500)) % 20000))

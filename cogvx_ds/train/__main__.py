@@ -29,15 +29,21 @@ def main(argv=None) -> int:
     import yaml
 
     from cogvx_ds.config import ConfigError, _deep_merge, apply_overrides, from_dict, load_yaml_dict, validate
-    from cogvx_ds.utils import out_dir_problem
+    from cogvx_ds.train.ds_config import build_ds_config
+    from cogvx_ds.utils import out_dir_problem, slurm_step_task
 
     try:
         data: dict = {}
         for path in args.config:
             data = _deep_merge(data, load_yaml_dict(path))
         cfg = from_dict(apply_overrides(data, args.overrides))
-        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+        task = slurm_step_task()  # a task of a plain srun step (no torchrun)
+        world = int(os.environ.get("WORLD_SIZE", task[1] if task else 1))
         validate(cfg, world_size=world)
+        try:  # the DeepSpeed config file too: the launchers' --print-config check runs before any process starts
+            build_ds_config(cfg)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(str(e)) from None
         if not cfg.data.shards and not args.print_config:  # a config can be inspected before data exists
             raise ConfigError("data.shards = []: give latent shard paths, folders or index.json files")
         problem = None if args.print_config else out_dir_problem(cfg.train.run_dir, "train.run_dir")

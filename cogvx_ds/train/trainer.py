@@ -30,6 +30,7 @@ from cogvx_ds.data.shards import resolve_shards
 from cogvx_ds.diffusion import NoiseSchedule, bucket_loss_sums, bucket_losses
 from cogvx_ds.diffusion.timesteps import explicit_uniform_interval, sampling_generator
 from cogvx_ds.parallel import MegatronMPU, init_distributed, state
+from cogvx_ds.train.ds_config import build_ds_config
 from cogvx_ds.utils import atomic_write_text, local_gpu
 
 warnings.filterwarnings("ignore", message=r".*torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor).*")
@@ -37,47 +38,6 @@ warnings.filterwarnings("ignore", message=r".*torch.distributed.(all_gather_into
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, checkpoint written, requeue me"
 STOP_FILE, REQUEUE_FILE = "STOP", "REQUEUE"  # run-dir markers shared with launch/_train_common.sh
 LOSS_BUCKETS = 10
-
-
-def build_ds_config(cfg: Config) -> dict:
-    t = cfg.train
-    if t.ds_config:
-        path = Path(t.ds_config)
-        if not path.is_file():
-            raise FileNotFoundError(f"train.ds_config: {path} does not exist")
-        try:
-            ds = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"train.ds_config: {path} is not valid JSON: {e}") from e
-        stage = ds.get("zero_optimization", {}).get("stage", t.zero_stage)
-        if stage != t.zero_stage:
-            raise ValueError(f"train.ds_config {path} sets ZeRO stage {stage} but train.zero_stage = {t.zero_stage}; "
-                             f"make them agree")
-    else:
-        ds = {"zero_optimization": {"stage": t.zero_stage}}
-    ds.update({
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "gradient_clipping": t.grad_clip,
-        "zero_allow_untested_optimizer": True,  # torch AdamW as the client optimizer (also under offload)
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 10**9,
-        # check_grad_overflow: a NaN/inf gradient skips the step in bf16 too (fp16 always checks; fp32 is checked
-        # through the gradient norm). The trainer relies on this to skip bad steps (tests/test_train.py).
-        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
-        "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 500},
-    })
-    ds.pop("train_batch_size", None)  # DeepSpeed derives it; its "data parallel" size here is DP x SP
-    ds["zero_optimization"].setdefault("stage", t.zero_stage)
-    zero = ds["zero_optimization"]
-    if zero["stage"] == 3 and cfg.parallel.sequence_parallel > 1 and zero.get("reduce_scatter", True) is False:
-        # ZeRO-3 then averages a gradient over DP only or over DP x SP depending on the parameter's size (the
-        # all-reduce path vs the reduce-scatter fallback for parameters above reduce_bucket_size): no one loss
-        # scale is right for all of them (ours assumes DP x SP, see Trainer._sp_loss_factor)
-        raise ValueError(f"train.ds_config: zero_optimization.reduce_scatter = false with ZeRO-3 and "
-                         f"parallel.sequence_parallel = {cfg.parallel.sequence_parallel} would scale some gradients "
-                         f"by SP; remove it (the default, true, is what the trainer's loss scaling assumes)")
-    return ds
 
 
 class _NaNGradient(torch.autograd.Function):
