@@ -459,3 +459,25 @@ def test_zero3_without_reduce_scatter_under_sp_is_refused(tmp_path):
     with pytest.raises(ValueError, match="reduce_scatter = false with ZeRO-3"):
         build_ds_config(cfg)
     build_ds_config(load_config("tiny", [f"train.ds_config={ds}", "train.zero_stage=3"]))  # fine without SP
+
+
+@pytest.mark.slow
+def test_shards_that_cannot_train_the_model_fail_before_the_engine_is_built(shards, tmp_path):
+    """Latent channels, text width and text presence are checked against the model at start-up (they failed at the
+    first step: oneDNN's "could not create a primitive descriptor", or the trainer's own error after minutes of
+    start-up at scale); a global batch larger than every bucket fails there too, not in the loader thread."""
+    from cogvx_ds.data.shards import ShardWriter
+
+    for override, message in (("model.in_channels=8 model.out_channels=8", "latents have 4 channels"),
+                              ("model.text_embed_dim=64", "text embeddings are 32-wide"),
+                              ("train.micro_batch_size=40", "not one global batch of 40 samples")):
+        proc = train(*train_args(tmp_path / override.split("=")[0], shards, *override.split()), check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+    no_text = tmp_path / "no_text"
+    no_text.mkdir()
+    with ShardWriter(no_text / "shard-00000.tar") as w:
+        for i in range(4):
+            w.add(f"v{i}", torch.zeros(4, 3, 8, 8), torch.zeros(4, 3, 8, 8), {"bucket": "3x8x8", "latent_frames": 3})
+    proc = train(*train_args(tmp_path / "run_no_text", no_text), check=False)
+    assert proc.returncode == 2 and "4 of 4 samples carry no text embedding" in proc.stderr, proc.stderr[-2000:]

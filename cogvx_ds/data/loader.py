@@ -169,6 +169,11 @@ class GlobalPlan:
         return SampleRef(self.shards[self.shard_ids[i]], self.keys[i], self.bucket_names[self.bucket_ids[i]],
                          int(self.frames[i]), members)
 
+    def samples_without_text(self) -> np.ndarray:
+        """Planned samples whose text embedding member is missing (shards encoded without --text-encoder)."""
+        col = KNOWN_SUFFIXES.index("text.safetensors")
+        return self.samples[self.spans[self.samples, col, 0] < 0]
+
     def _small_buckets(self) -> dict[str, int]:
         """Buckets with fewer samples than one global batch: a batch holds one bucket, so these never train."""
         counts = np.bincount(self.bucket_ids[self.samples], minlength=len(self.bucket_names))

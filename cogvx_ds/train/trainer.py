@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from cogvx_ds.config import Config, save_config
-from cogvx_ds.data.loader import GlobalPlan, RankLoader
+from cogvx_ds.data.loader import GlobalPlan, RankLoader, load_sample
 from cogvx_ds.data.shards import resolve_shards
 from cogvx_ds.diffusion import NoiseSchedule, bucket_loss_sums, bucket_losses
 from cogvx_ds.diffusion.timesteps import explicit_uniform_interval, sampling_generator
@@ -215,16 +215,18 @@ class Trainer:
         self.device = torch.device("cuda", local_gpu()) if torch.cuda.is_available() else torch.device("cpu")
         self.schedule = NoiseSchedule.from_config(cfg.diffusion)
         self.resume_from = self._check_resumable()  # before the engine is built: a mismatch fails in seconds
-        self.engine, self.model = build_engine(cfg, self.ds_config, resuming=self.resume_from is not None)
-        from cogvx_ds.train.ema import EMA
-
-        self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        # the data plan too: shards that cannot train this model fail before minutes of engine building
         self.global_batch = state.dp_size() * cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps
         self.plan = GlobalPlan(self.shards, self.global_batch, cfg.data.seed, cfg.data.image_ratio)
         self._agree_on_shards()
         self._check_data_plan()
+        self._check_data_fits_model()
         if self.is_main and self.plan.mix_note():
             print(f"note: {self.plan.mix_note()}", file=sys.stderr, flush=True)
+        self.engine, self.model = build_engine(cfg, self.ds_config, resuming=self.resume_from is not None)
+        from cogvx_ds.train.ema import EMA
+
+        self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.empty_text = None
@@ -392,7 +394,7 @@ class Trainer:
                 dt = time.time() - t0
                 self._report_profile(profiler.end(step))
                 sums, counts = bucket_loss_sums(losses, timesteps.long(), self.schedule.num_train_timesteps,
-                                                LOSS_BUCKETS)
+                                                min(LOSS_BUCKETS, self.schedule.num_train_timesteps))
                 logger.log(step, {
                     "loss": losses.mean().item(), "lr": lr,
                     "grad_norm": _to_float(self.engine.get_global_grad_norm()),
@@ -534,6 +536,28 @@ class Trainer:
             raise ValueError(f"data.shards: ranks see different data (rank 0: {plans[0]}; rank {first}: "
                              f"{plans[first]}); wait until the shards are complete (index.json written) and "
                              f"visible on every node")
+
+    def _check_data_fits_model(self) -> None:
+        """Text embeddings on every sample, and latent channels / text width that the model takes (they failed at
+        the first step: a trainer error, or oneDNN's "could not create a primitive descriptor"); the first epoch is
+        planned here too, so a global batch larger than every bucket fails now, not in the loader thread."""
+        m = self.cfg.model
+        missing = self.plan.samples_without_text()
+        if len(missing):
+            ref = self.plan.ref(int(missing[0]))
+            raise ValueError(f"data.shards: {len(missing)} of {len(self.plan.samples)} samples carry no text "
+                             f"embedding (e.g. {ref.shard}: {ref.key!r}); encode them with data_tools.encode_latents "
+                             f"--text-encoder PATH (index.json's has_text_embeddings says so per folder)")
+        ref = self.plan.ref(int(self.plan.samples[0]))
+        sample = load_sample(ref)
+        where = f"{ref.shard}: {ref.key!r}"
+        if sample["mean"].shape[0] != m.in_channels:
+            raise ValueError(f"data.shards: latents have {sample['mean'].shape[0]} channels ({where}) but "
+                             f"model.in_channels = {m.in_channels}: encode with the VAE this model was made for")
+        if sample["text"].shape[-1] != m.text_embed_dim:
+            raise ValueError(f"data.shards: text embeddings are {sample['text'].shape[-1]}-wide ({where}) but "
+                             f"model.text_embed_dim = {m.text_embed_dim}: encode with the model's text encoder")
+        self.plan.epoch(0)
 
     def _check_data_plan(self) -> None:
         """A resume continues at a data position of the checkpoint's plan: refuse one whose plan differs (shards
