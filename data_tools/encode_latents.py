@@ -255,6 +255,21 @@ def detect_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
+def _check_model_paths(args) -> None:
+    """--vae and --text-encoder point at loadable folders (a typo used to lock the output folder: the plan, which
+    records both paths, was written before the models were loaded, and the corrected re-run was refused)."""
+    if not (Path(args.vae) / "config.json").is_file():
+        raise FileNotFoundError(f"--vae {args.vae}: no config.json there (expected a diffusers "
+                                f"AutoencoderKLCogVideoX folder, e.g. <CogVideoX pipeline>/vae)")
+    if args.text_encoder:
+        from cogvx_ds.models.text_encoder import _resolve_folders
+
+        try:
+            _resolve_folders(args.text_encoder)
+        except (FileNotFoundError, NotADirectoryError) as e:
+            raise FileNotFoundError(f"--text-encoder: {e}") from None
+
+
 def plan_record(args, inputs_sha256: str, plan: ShardPlan) -> dict:
     """What decides the output: a re-run (or another worker) with different values would mix two datasets."""
     return {"inputs_sha256": inputs_sha256, "num_inputs": plan.num_inputs,
@@ -594,6 +609,7 @@ def run(args) -> dict:
     if not count:
         raise ValueError(f"--input: no inputs found in {args.input}")
     plan = ShardPlan(count, per_shard)
+    _check_model_paths(args)  # before the plan is written: it records them, and a re-run must then match it
     check_or_write_plan(out, plan_record(args, inputs_sha256, plan))
     owned = plan.owned(rank, world)
     todo = [k for k in owned if not (out / f"{shard_name(k)}.tar").is_file()]
@@ -728,7 +744,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--out", help="output folder for shards, index.json and rejects.jsonl (required; the only "
                                   "option --finalize needs)")
     io.add_argument("--vae", help="diffusers-format CogVideoX VAE folder (config.json + safetensors) (required)")
-    io.add_argument("--text-encoder", help="optional local T5 (or other encoder) folder: store text embeddings too")
+    io.add_argument("--text-encoder", help="local T5 (or other encoder) folder: store each caption's text embeddings too (training needs them; "
+                         "without it the shards hold latents only, e.g. for VAE checks)")
     io.add_argument("--text-max-length", type=int, default=226, help="text tokens per caption (default 226)")
     io.add_argument("--text-dtype", choices=("fp32", "bf16"), default=None,
                     help="text encoder dtype (default bf16 on GPUs, fp32 on CPUs; T5 overflows in fp16)")

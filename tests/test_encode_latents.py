@@ -426,3 +426,15 @@ def test_all_inputs_rejected_fails_and_misaligned_prompts_are_refused(tmp_path, 
     (tmp_path / "prompts.txt").write_text("a caption\nanother caption\n")  # one line too many
     assert el.main(["--input", str(tmp_path / "videos.txt"), *common]) == 1
     assert "has 2 lines but" in capsys.readouterr().err
+
+
+def test_a_mistyped_model_path_does_not_lock_the_output_folder(tmp_path, vae_dir, synthetic_set):
+    """The plan records --vae / --text-encoder; it used to be written before the models were loaded, so after a
+    typo the corrected re-run was refused ("this folder was encoded with other settings")."""
+    manifest = synthetic_set / "manifest.jsonl"
+    with pytest.raises(FileNotFoundError, match="--vae .*nope: no config.json"):
+        encode(manifest, tmp_path / "o", tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="--text-encoder: text encoder path .* does not exist"):
+        encode(manifest, tmp_path / "o", vae_dir, "--text-encoder", tmp_path / "t5-typo")
+    assert not (tmp_path / "o" / el.PLAN_NAME).exists()
+    assert encode(manifest, tmp_path / "o", vae_dir, "--samples-per-shard", 12)["shards_written"] >= 1
