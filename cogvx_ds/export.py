@@ -66,6 +66,39 @@ def _text_encoder_roots(text_encoder: Path) -> tuple[Path, Path]:
     return te_root, tok_root
 
 
+# encoder-decoder checkpoints whose encoder is what the pipeline runs (CogVideoX conditions on the encoder only)
+_ENCODER_OF = {"T5ForConditionalGeneration": "T5EncoderModel", "MT5ForConditionalGeneration": "MT5EncoderModel",
+               "UMT5ForConditionalGeneration": "UMT5EncoderModel", "T5Model": "T5EncoderModel"}
+
+
+def _write_text_encoder(src: Path, dst: Path) -> str:
+    """The text encoder as the pipeline loads it; returns its transformers class for model_index.json. An
+    encoder-only folder is copied; a full encoder-decoder checkpoint (e.g. google/t5-v1_1-xxl) is saved as its
+    encoder: recorded as T5ForConditionalGeneration, the pipeline built the whole model and failed on its first
+    prompt ("You must specify exactly one of input_ids or inputs_embeds"), and the decoder's weights were copied."""
+    arch = json.loads((src / "config.json").read_text()).get("architectures", ["T5EncoderModel"])[0]
+    if arch not in _ENCODER_OF:
+        _copy_tree(src, dst)
+        return arch
+    import transformers
+
+    encoder = getattr(transformers, _ENCODER_OF[arch]).from_pretrained(src, local_files_only=True, torch_dtype="auto")
+    if dst.exists():
+        shutil.rmtree(dst)
+    encoder.save_pretrained(dst)
+    return _ENCODER_OF[arch]
+
+
+def _write_tokenizer(src: Path, dst: Path) -> None:
+    """The tokenizer's files only (a tokenizer beside the model weights used to copy the weights too: ~19 GB more
+    per export for T5-XXL)."""
+    from transformers import AutoTokenizer
+
+    if dst.exists():
+        shutil.rmtree(dst)
+    AutoTokenizer.from_pretrained(src, local_files_only=True).save_pretrained(dst)
+
+
 def check_pipeline_inputs(vae: Path, text_encoder: Path) -> None:
     """FileNotFoundError naming the argument, before anything is written."""
     if not (vae / "config.json").is_file():
@@ -95,9 +128,8 @@ def write_pipeline_parts(out: Path, diffusion: DiffusionConfig, vae: Path, text_
         vae_model.config.scaling_factor = float(latent_scale)
     vae_model.save_diffusers(out / "vae")
     te_root, tok_root = _text_encoder_roots(text_encoder)
-    _copy_tree(te_root, out / "text_encoder")
-    _copy_tree(tok_root, out / "tokenizer")
-    te_class = json.loads((out / "text_encoder" / "config.json").read_text()).get("architectures", ["T5EncoderModel"])[0]
+    te_class = _write_text_encoder(te_root, out / "text_encoder")
+    _write_tokenizer(tok_root, out / "tokenizer")
     tok_class = json.loads((out / "tokenizer" / "tokenizer_config.json").read_text()).get("tokenizer_class",
                                                                                           "T5Tokenizer")
     (out / "scheduler").mkdir(exist_ok=True)

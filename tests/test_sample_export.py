@@ -265,3 +265,28 @@ def test_a_prompts_video_depends_on_its_seed_only(run_dir, sampler):
     with pytest.raises(ValueError, match="needs --guidance > 1"):
         generate(dit, vae, encoder, ["x"], frames=FRAMES, height=HEIGHT, width=WIDTH, steps=1, guidance=1.0,
                  dynamic_guidance=True, progress=False)
+
+
+def test_export_of_a_full_t5_checkpoint_writes_its_encoder_only(run_dir, tmp_path):
+    """An encoder-decoder T5 folder (as google/t5-v1_1-xxl is released) is accepted as --text-encoder: the pipeline
+    gets T5EncoderModel (recorded as T5ForConditionalGeneration it failed on its first prompt) with the encoder's
+    weights only, and the tokenizer folder gets no model weights (it got a second copy of them)."""
+    from diffusers import CogVideoXPipeline
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    tiny = json.loads((run_dir / "t5" / "config.json").read_text())
+    config = T5Config(**{k: tiny[k] for k in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
+                                              "relative_attention_num_buckets", "feed_forward_proj",
+                                              "pad_token_id", "eos_token_id")}, decoder_start_token_id=0)
+    full = tmp_path / "t5_full"
+    T5ForConditionalGeneration(config).save_pretrained(full)
+    AutoTokenizer.from_pretrained(run_dir / "t5").save_pretrained(full)  # tokenizer beside the weights
+    out = tmp_path / "pipe"
+    subprocess.run([sys.executable, "-m", "cogvx_ds.export", f"--run-dir={run_dir / 'run'}", f"--out={out}",
+                    f"--vae={run_dir / 'vae'}", f"--text-encoder={full}"], check=True)
+    assert json.loads((out / "model_index.json").read_text())["text_encoder"] == ["transformers", "T5EncoderModel"]
+    assert not list((out / "tokenizer").glob("*.safetensors")) and not list((out / "tokenizer").glob("*.bin"))
+    pipe = CogVideoXPipeline.from_pretrained(out)
+    assert not any(n.startswith("decoder.") for n in pipe.text_encoder.state_dict())
+    embeds, _ = pipe.encode_prompt("a red circle", do_classifier_free_guidance=False, max_sequence_length=8)
+    assert embeds.shape == (1, 8, config.d_model)
