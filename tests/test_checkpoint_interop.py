@@ -170,3 +170,16 @@ def test_training_init_from_weights_of_the_other_family_is_refused(tmp_path):
     model = CogVideoXTransformer(two)
     init_weights(model, dataclasses.replace(cfg, model=two))  # the matching family loads
     assert torch.equal(model.state_dict()["proj_out.weight"], make_reference("2b").state_dict()["proj_out.weight"])
+
+
+def test_a_sat_folder_loads_the_iteration_its_latest_names(tmp_path):
+    """SAT saves <dir>/<iteration>/mp_rank_00_model_states.pt and a `latest` file; sorting the paths as text took
+    500/ over 1500/."""
+    from cogvx_ds.checkpoint.sat import read_sat_file
+
+    for it in (500, 1000, 1500):
+        (tmp_path / str(it)).mkdir()
+        torch.save({"module": {"w": torch.full((2,), float(it))}}, tmp_path / str(it) / "mp_rank_00_model_states.pt")
+    assert read_sat_file(tmp_path)["w"][0].item() == 1500  # no latest: the highest iteration
+    (tmp_path / "latest").write_text("1000\n")
+    assert read_sat_file(tmp_path)["w"][0].item() == 1000

@@ -57,14 +57,26 @@ class UnsafeCheckpointError(RuntimeError):
     pass
 
 
+def _sat_model_file(folder: Path) -> Path:
+    """The model file of a SAT save folder: the iteration its `latest` file names, else the highest iteration
+    (by number: sorting the paths as text took 500/ over 1500/)."""
+    latest = folder / "latest"
+    if latest.is_file():
+        named = folder / latest.read_text().strip() / "mp_rank_00_model_states.pt"
+        if named.is_file():
+            return named
+    found = list(folder.rglob("mp_rank_00_model_states.pt"))
+    if not found:
+        raise FileNotFoundError(f"no mp_rank_00_model_states.pt under {folder}")
+    return max(found, key=lambda f: (f.parent.name.isdigit(), int(f.parent.name) if f.parent.name.isdigit() else 0,
+                                     str(f)))
+
+
 def read_sat_file(path: str | Path, allow_unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Load a SAT `.pt` with weights_only=True (tensors, containers, argparse.Namespace); return the model dict."""
     path = Path(path)
     if path.is_dir():  # SAT saves <dir>/<iteration>/mp_rank_00_model_states.pt
-        found = sorted(path.rglob("mp_rank_00_model_states.pt"))
-        if not found:
-            raise FileNotFoundError(f"no mp_rank_00_model_states.pt under {path}")
-        path = found[-1]
+        path = _sat_model_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"SAT checkpoint not found: {path}")
     try:
