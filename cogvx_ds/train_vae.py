@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from cogvx_ds.models.vae import CogVideoXVAEConfig
 from cogvx_ds.train.vae_trainer import VAETrainConfig, VAETrainer
 from cogvx_ds.utils import out_dir_problem
 
@@ -54,8 +55,10 @@ def build_config(config_file: str | None, overrides: list[str]) -> VAETrainConfi
     unknown = sorted(set(values) - names)
     if unknown:
         where = config_file or "overrides"
-        raise ValueError(f"{where}: unknown VAE training config field(s) {unknown}; valid: {sorted(names)}")
-    from cogvx_ds.models.vae import CogVideoXVAEConfig
+        model_fields = set(VAETrainConfig().model) | {f.name for f in dataclasses.fields(CogVideoXVAEConfig)}
+        hint = [f"model.{k}" for k in unknown if k in model_fields]
+        raise ValueError(f"{where}: unknown VAE training config field(s) {unknown}; valid: {sorted(names)}"
+                         + (f" (the VAE's own fields are model.*: {', '.join(hint)})" if hint else ""))
 
     model_names = {f.name for f in dataclasses.fields(CogVideoXVAEConfig)}
     bad_model = sorted(set(values.get("model") or {}) - model_names)
@@ -93,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as e:
         p.error(str(e))
     problem = out_dir_problem(cfg.run_dir, "run_dir")
+    if cfg.lpips_path and cfg.lpips_weight and not Path(cfg.lpips_path).exists():
+        problem = (f"lpips_path {cfg.lpips_path}: does not exist (a folder with lpips' vgg.pth and torchvision's "
+                   f"vgg16 weights, or an LPIPS state dict)")
     if problem:
         p.error(problem)
     trainer = VAETrainer(cfg)

@@ -60,7 +60,8 @@ def check(shards: list[Path], index: dict | None) -> tuple[list[str], Counter, i
     """(problems, bucket histogram, sample count) after reading every sample."""
     problems, buckets, total, seen = [], Counter(), 0, {}
     expected = {e["path"]: e["num_samples"] for e in index["shards"]} if index else {}
-    for path in shards:
+    bar = tqdm(shards, desc="check", unit="shard", disable=len(shards) < 20)
+    for path in bar:
         count = 0
         try:
             for s in iter_shard(path):
@@ -78,6 +79,7 @@ def check(shards: list[Path], index: dict | None) -> tuple[list[str], Counter, i
         if path.name in expected and expected[path.name] != count:
             problems.append(f"{path.name}: index.json says {expected[path.name]} samples, read {count}")
         total += count
+        bar.set_postfix(samples=total, problems=len(problems), refresh=False)
     return problems, buckets, total
 
 

@@ -129,6 +129,8 @@ def test_cli_help_and_config_errors(capsys, tmp_path):
     assert cfg.model["latent_channels"] == 4 and cfg.recon == "l2" and cfg.betas == (0.9, 0.99)
     with pytest.raises(ValueError, match="unknown VAE training config field"):
         build_config(None, ["no_such_field=1"])
+    with pytest.raises(ValueError, match="the VAE's own fields are model.\\*: model.latent_channels"):
+        build_config(None, ["latent_channels=16"])
     (tmp_path / "c.yaml").write_text("frames: 13\n")
     with pytest.raises(ValueError, match="8j\\+1"):
         build_config(str(tmp_path / "c.yaml"), []).validate()
@@ -141,6 +143,11 @@ def test_cli_help_and_config_errors(capsys, tmp_path):
               f"data={tmp_path / 'videos.txt'}", "height=64", "width=64", "frames=9"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "unrecognized arguments" not in err and "videos.txt does not exist" in err, err
+    with pytest.raises(SystemExit) as e:  # a missing LPIPS folder is an argument error, before DeepSpeed starts
+        main(["--run-dir", str(tmp_path / "r"), "--steps", "2", "--lpips-path", str(tmp_path / "lpips")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "lpips_path" in err and "does not exist" in err, err
+    assert not (tmp_path / "r").exists()
 
 
 def _frame_code_video(n_frames: int) -> np.ndarray:

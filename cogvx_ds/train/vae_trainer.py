@@ -212,10 +212,16 @@ class VAETrainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
             self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train_vae", disable=self.rank != 0, dynamic_ncols=True,
+                   mininterval=2.0)
         while self.step < cfg.steps:
             t0 = time.perf_counter()
             m = self.train_step()
             m.update(step=self.step, samples_per_s=cfg.batch_size * self.world / (time.perf_counter() - t0))
+            bar.update(1)
+            bar.set_postfix(rec=f"{m['rec_loss']:.4f}", d=f"{m['d_loss']:.3f}", refresh=False)
             if self.rank == 0 and self.step % cfg.log_every == 0:
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(m) + "\n")
@@ -226,6 +232,7 @@ class VAETrainer:
                 self._log_video()
             if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                 self.save()
+        bar.close()
         if self.writer:
             self.writer.close()
         if cfg.export and self.rank == 0:
