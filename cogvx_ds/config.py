@@ -13,6 +13,7 @@ import difflib
 import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,8 +116,7 @@ class DataConfig:
     vae_spatial_compression: int = 8
     image_ratio: float | None = None  # fraction of batches that are images; None: as they come in the shuffle
     latent_scale: float = 1.15258426  # VAE scaling factor applied to the latents (2B: 1.15258426, 5B: 0.7)
-    num_workers: int = 2
-    prefetch: int = 4
+    prefetch: int = 4  # global batches a background thread reads ahead of the step
     seed: int = 0
 
 
@@ -141,7 +141,7 @@ class TrainConfig:
     ds_config: str | None = None
     save_every: int = 500
     keep_last: int = 3
-    log_every: int = 1
+    log_every: int = 1  # metrics.jsonl and TensorBoard: every N-th step's values (sample_order.jsonl: every step)
     max_consecutive_nonfinite: int = 5
     ema_decay: float | None = None
     seed: int = 42
@@ -214,11 +214,19 @@ def _check_type(value: Any, tp: Any, name: str) -> Any:
     raise ConfigError(f"{name}: unsupported type {tp}")
 
 
+# Keys that earlier versions accepted and never used: a saved config.yaml (a run dir's, for export or a resume)
+# still loads, with a warning.
+_RETIRED = {"data.": {"num_workers": "the loader reads with one prefetch thread per rank (data.prefetch)"}}
+
+
 def _from_dict(cls: type, data: dict, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    for key in sorted(set(data) & set(_RETIRED.get(prefix, {}))):  # keys of configs written by earlier versions
+        warnings.warn(f"config key '{prefix}{key}' is ignored: {_RETIRED[prefix][key]}", stacklevel=2)
+        data = {k: v for k, v in data.items() if k != key}
     unknown = sorted(set(data) - names)
     if unknown:
         key = unknown[0]

@@ -481,3 +481,12 @@ def test_shards_that_cannot_train_the_model_fail_before_the_engine_is_built(shar
             w.add(f"v{i}", torch.zeros(4, 3, 8, 8), torch.zeros(4, 3, 8, 8), {"bucket": "3x8x8", "latent_frames": 3})
     proc = train(*train_args(tmp_path / "run_no_text", no_text), check=False)
     assert proc.returncode == 2 and "4 of 4 samples carry no text embedding" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_log_every_thins_the_metrics_not_the_sample_order(shards, tmp_path):
+    """train.log_every was accepted and never read: every step was logged whatever it said."""
+    train(*train_args(tmp_path, shards, "train.max_steps=5", "train.log_every=2", "data.num_workers=4"))
+    assert [m["step"] for m in read_metrics(tmp_path)] == [2, 4, 5]  # and the last step
+    order = [json.loads(line)["step"] for line in (tmp_path / "sample_order.jsonl").read_text().splitlines()]
+    assert order == [1, 2, 3, 4, 5]

@@ -40,14 +40,17 @@ class MetricsLogger:
         self.metrics = open(self.metrics_path, "a")
         self.order = open(self.order_path, "a")
 
-    def log(self, step: int, values: dict, sample_order: dict | None = None) -> None:
+    def log(self, step: int, values: dict | None, sample_order: dict | None = None) -> None:
+        """values: this step's metrics (None: a step between train.log_every's); sample_order: its samples."""
         if not self.enabled:
             return
-        self.metrics.write(json.dumps({"step": step, **values}) + "\n")
-        self.metrics.flush()
         if sample_order is not None:
             self.order.write(json.dumps({"step": step, **sample_order}) + "\n")
             self.order.flush()
+        if values is None:
+            return
+        self.metrics.write(json.dumps({"step": step, **values}) + "\n")
+        self.metrics.flush()
         for key, value in values.items():
             if isinstance(value, (int, float)) and value is not None:
                 tag = f"loss_by_t/{key}" if key.startswith("loss_t") else f"train/{key}"

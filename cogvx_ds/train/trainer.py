@@ -395,7 +395,8 @@ class Trainer:
                 self._report_profile(profiler.end(step))
                 sums, counts = bucket_loss_sums(losses, timesteps.long(), self.schedule.num_train_timesteps,
                                                 min(LOSS_BUCKETS, self.schedule.num_train_timesteps))
-                logger.log(step, {
+                logged = step % t.log_every == 0 or step == t.max_steps
+                logger.log(step, None if not logged else {
                     "loss": losses.mean().item(), "lr": lr,
                     "grad_norm": _to_float(self.engine.get_global_grad_norm()),
                     "samples_per_s": self.global_batch / dt, "tokens_per_s": tokens * state.dp_size() / dt,
