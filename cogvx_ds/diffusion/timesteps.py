@@ -10,13 +10,15 @@ one-timestep interval {floor(i*T/N)} with a neighbour instead of failing, so eve
 floor(N/T) or ceil(N/T) ranks per step: as even as integers allow. (The original switches the feature off for
 N <= 8 and asserts on sizes that do not divide T; here nothing is switched off silently.)
 
-Determinism and parallel peers (the trainer must follow this): build the generator with
-``sampling_generator(seed, step, dp_rank, micro_step)`` and draw first the timesteps, then the noise, from it.
-The seed depends on the data-parallel rank only, never on the global rank, so the tensor- and sequence-parallel
-peers that hold the same sample draw the same t and the same noise; and it depends on the step, so a resumed run
-draws exactly what the uninterrupted run drew, with no generator state to checkpoint. Under sequence parallelism
-every SP rank draws the noise for the full sample and keeps its own slice, so the shards fit together into one
-consistent noise tensor.
+How the trainer uses it (cogvx_ds/train/trainer.py, `Trainer._draws`): the interval is stratified per sample of
+the global batch (``explicit_uniform_interval(j, global_batch, T)`` for global sample index j), so DP rank i,
+which holds a contiguous block of the global batch, draws from its own part of [0, T) and the global batch covers
+it evenly, for any number of DP ranks and any micro-batch or accumulation. Each sample's t, noise, posterior eps
+and caption-dropout draw come from ``sampling_generator(train.seed, step, j)``: keyed by the global sample index,
+never by a rank, so the tensor- and sequence-parallel peers that hold the same sample draw the same values, and
+keyed by the step, so a resumed run draws exactly what the uninterrupted run drew, with no generator state to
+checkpoint. Under sequence parallelism every SP rank draws the noise for the full sample and keeps its own slice,
+so the shards fit together into one consistent noise tensor.
 """
 
 from __future__ import annotations
@@ -65,16 +67,17 @@ def sample_timesteps(
     return t.to(device)
 
 
-def sampling_seed(seed: int, step: int, dp_rank: int, micro_step: int = 0) -> int:
-    """A well-mixed 63-bit seed from (seed, step, dp_rank, micro_step); a hash, so nearby inputs give unrelated
-    streams. ``micro_step`` is the gradient-accumulation index within the optimizer step."""
-    key = f"cogvx_ds-timesteps:{int(seed)}:{int(step)}:{int(dp_rank)}:{int(micro_step)}"
+def sampling_seed(seed: int, step: int, stream: int, micro_step: int = 0) -> int:
+    """A well-mixed 63-bit seed from (seed, step, stream, micro_step); a hash, so nearby inputs give unrelated
+    streams. The trainer's stream is the global sample index (micro_step 0); a per-rank scheme would pass the DP
+    rank and the gradient-accumulation index."""
+    key = f"cogvx_ds-timesteps:{int(seed)}:{int(step)}:{int(stream)}:{int(micro_step)}"
     digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def sampling_generator(seed: int, step: int, dp_rank: int, micro_step: int = 0) -> torch.Generator:
-    """The CPU generator a rank draws its micro-batch's timesteps and noise from (see the module docstring)."""
+def sampling_generator(seed: int, step: int, stream: int, micro_step: int = 0) -> torch.Generator:
+    """The CPU generator of one draw stream (the trainer: one per global sample; see the module docstring)."""
     generator = torch.Generator(device="cpu")
-    generator.manual_seed(sampling_seed(seed, step, dp_rank, micro_step))
+    generator.manual_seed(sampling_seed(seed, step, stream, micro_step))
     return generator

@@ -262,7 +262,7 @@ class Trainer:
     def _load_empty_text(self, shape):
         from safetensors.torch import load_file
 
-        for folder in {s.parent for s in self.shards}:
+        for folder in sorted({s.parent for s in self.shards}):  # the same file on every rank and every run
             f = folder / "empty_text.safetensors"
             if f.is_file():
                 return load_file(str(f))["embedding"].reshape(shape)
@@ -466,12 +466,18 @@ class Trainer:
             trainer_state = {"step": step, "data_position": position, "config_hash": config_hash(self.cfg),
                              **self._layout(), "data_plan": self.plan.fingerprint(), "files": files,
                              "rng": "stateless: draws are keyed by (train.seed, step, global sample index)",
+                             **self._target_settings(),
                              "nonfinite_skipped": self.nonfinite_total}
             atomic_write_text(self.ckpt_dir / tag / "trainer_state.json", json.dumps(trainer_state, indent=2))
             atomic_write_text(self.ckpt_dir / "latest", tag)  # only after every rank finished
             for old in prunable_checkpoints(self.ckpt_dir, step, self.cfg.train.keep_last):
                 shutil.rmtree(self.ckpt_dir / old, ignore_errors=True)
         dist.barrier()
+
+    def _target_settings(self) -> dict:
+        """What the training target depends on beyond the model/diffusion config hash: the draws' seed and the
+        factor on the latents. A resume under other values would silently train another objective."""
+        return {"train.seed": self.cfg.train.seed, "data.latent_scale": self.cfg.data.latent_scale}
 
     def _layout(self) -> dict:
         """What a DeepSpeed checkpoint's partitioning depends on: it only loads under the same values."""
@@ -491,7 +497,13 @@ class Trainer:
             raise FileNotFoundError(f"{latest} names checkpoint {tag!r}, but {state_file} is missing: the run dir "
                                     f"is damaged; point {latest} at an intact step* checkpoint or use a new "
                                     f"train.run_dir")
-        st = json.loads(state_file.read_text())
+        try:
+            st = json.loads(state_file.read_text())
+            if not isinstance(st, dict) or "config_hash" not in st or "step" not in st:
+                raise ValueError("not a trainer state (no step / config_hash)")
+        except ValueError as e:  # JSONDecodeError included: cut by a crash before it reached the disk
+            raise ValueError(f"{state_file} is damaged ({e}); point {latest} at an intact step* checkpoint or use a "
+                             f"new train.run_dir") from None
         present = _file_sizes(self.ckpt_dir / tag)
         # missing, or shorter than written (a cut copy); never "larger": a file system's cached sizes at save time
         # can only have been too small
@@ -500,6 +512,11 @@ class Trainer:
             raise FileNotFoundError(f"{self.ckpt_dir / tag}: {len(damaged)} file(s) missing or shorter than "
                                     f"written: {', '.join(damaged[:4])}; restore them, or point {latest} at an "
                                     f"intact step* checkpoint")
+        changed = [f"{k} {st[k]} -> {v}" for k, v in self._target_settings().items() if k in st and st[k] != v]
+        if changed:  # (recorded since they are: older checkpoints are not checked)
+            raise ValueError(f"{self.ckpt_dir / tag}: {', '.join(changed)} since this checkpoint: a resume would "
+                             f"draw other noise or train on another latent scale; set them back, or start a new "
+                             f"train.run_dir with train.init_from")
         if st["config_hash"] != config_hash(self.cfg):
             raise ValueError(f"{self.ckpt_dir / tag}: model/diffusion config differs from the checkpoint's; "
                              f"use a new train.run_dir, or train.init_from to start from its weights")
