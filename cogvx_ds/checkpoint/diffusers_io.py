@@ -134,15 +134,17 @@ def _shards(sd: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch
 
 
 def save_transformer(model, path, max_shard_size: int = 5 * 1024**3, dtype: torch.dtype | None = None) -> None:
-    """Every rank must call (TP shards are gathered); rank 0 writes. Files appear atomically (temp + rename)."""
-    sd = {k: v.contiguous() for k, v in full_state_dict(model, dtype).items()}
-    if dist.is_initialized() and dist.get_rank() != 0:
+    """Every rank must call (TP shards are gathered); rank 0 keeps the gathered weights and writes. Each file
+    appears atomically (temp + rename); an earlier save's weight files that the new one does not overwrite are
+    removed after it is complete (an index would be read, extra shards merged, with the new weights)."""
+    writer = not dist.is_initialized() or dist.get_rank() == 0
+    sd = {k: v.contiguous() for k, v in full_state_dict(model, dtype, keep=writer).items()}
+    if not writer:
         dist.barrier()
         return
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("diffusion_pytorch_model*.safetensors*"):  # an earlier save's shards or index
-        old.unlink()  # would be read (an index) or merged (more files) with the new weights
+    stale = set(folder.glob("diffusion_pytorch_model*.safetensors*"))
     shards = _shards(sd, max_shard_size)
     if len(shards) == 1:
         names = [WEIGHTS_NAME]
@@ -155,5 +157,9 @@ def save_transformer(model, path, max_shard_size: int = 5 * 1024**3, dtype: torc
                  "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
         atomic_write(folder / f"{WEIGHTS_NAME}.index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
     atomic_write(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config_to_diffusers(model.config), indent=2)))
+    written = set(names) | ({f"{WEIGHTS_NAME}.index.json"} if len(shards) > 1 else set())
+    for old in stale:
+        if old.name not in written:
+            old.unlink(missing_ok=True)
     if dist.is_initialized():
         dist.barrier()

@@ -164,11 +164,15 @@ def load_full_state_dict(model: torch.nn.Module, source: Mapping, source_name: s
         assign_local(p, to_local(name, full, rank, tp))
 
 
-def full_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def full_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None,
+                    keep: bool = True) -> dict[str, torch.Tensor]:
+    """The diffusers-format state dict (all ranks call: the gathers are collective). keep=False takes part in the
+    gathers and keeps nothing (the ranks that do not write: a whole 5B model on the host is 10-20 GB each)."""
     out = {}
     for name, p in model.named_parameters():
         for key, t in zip(diffusers_keys(name), gather_full(name, p)):
-            out[key] = t.to(dtype) if dtype is not None else t
+            if keep:
+                out[key] = t.to(dtype) if dtype is not None else t
     return out
 
 
