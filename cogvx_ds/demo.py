@@ -88,7 +88,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", default="runs/demo", help="where everything is written (default runs/demo)")
     ap.add_argument("--preset", default="full", choices=sorted(PRESETS),
-                    help="full: the real miniature (about 20 min on 2 cores); quick: a smoke run of every step")
+                    help="full: the real miniature (10-16 min on 2 cores); quick: a smoke run of every step")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     n_vid, n_img, n_held, vae_steps, lq_steps, hq_steps, cap_steps, batch, sample_steps = PRESETS[args.preset]

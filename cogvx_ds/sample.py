@@ -65,6 +65,10 @@ def load_components(model: str, vae: str | None = None, text_encoder: str | None
     root = Path(model)
     if (root / "final_model" / "config.json").is_file():
         root = root / "final_model"
+    elif (root / "checkpoints").is_dir() and not (root / "config.json").is_file():
+        raise FileNotFoundError(f"--model {model}: a training run without final_model/ (it did not finish); export a "
+                                f"checkpoint (python -m cogvx_ds.export --run-dir {model} --checkpoint latest ...) and "
+                                f"sample the export, or let the run finish")
     device = torch.device(device)
     dit = CogVideoXTransformer.from_diffusers(root, dtype=dtype).to(device).eval()
     vae_dir, te_dir = _resolve(root, "vae", vae), _resolve(root, "text_encoder", text_encoder)
@@ -156,7 +160,9 @@ def main(argv=None) -> int:
     ap.add_argument("--height", type=int, default=480, help="pixels, a multiple of 16 (default: 480)")
     ap.add_argument("--width", type=int, default=720, help="pixels, a multiple of 16 (default: 720)")
     ap.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
-    ap.add_argument("--sampler", default="ddim", choices=["ddim", "dpm++", "dpm++ode"])
+    ap.add_argument("--sampler", default="ddim", choices=["ddim", "dpm++", "dpm++ode"],
+                    help="ddim (default), dpm++ (CogVideoX's DPM-Solver++ with per-step noise, seeded per prompt) or "
+                         "dpm++ode (its deterministic form)")
     ap.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale, 1 = off (default: 6)")
     ap.add_argument("--dynamic-guidance", action="store_true", help="CogVideoX's cosine ramp of the guidance scale")
     ap.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed+i")

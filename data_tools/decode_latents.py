@@ -52,7 +52,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output folder for the mp4/png files")
     p.add_argument("--num", type=int, default=4, help="decode this many samples (default 4; 0 = all)")
     p.add_argument("--keys", help="comma-separated sample keys to decode instead of the first --num")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the VAE decodes (default: cuda if this PyTorch sees a GPU, else cpu)")
     p.add_argument("--tiling", action="store_true", help="spatial tiling in the VAE decoder (less memory)")
     args = p.parse_args(argv)
     if args.num < 0:
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     from cogvx_ds.models.vae import CogVideoXVAE
 
     try:
-        shards = resolve_shards(args.shards)
+        shards = resolve_shards(args.shards, what="shards")
         vae = CogVideoXVAE.from_diffusers(args.vae).to(args.device).eval()
     except (FileNotFoundError, ValueError) as e:
         print(f"decode_latents: error: {e}", file=sys.stderr)

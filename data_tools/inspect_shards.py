@@ -137,7 +137,7 @@ def main(argv=None) -> int:
                         "starts without walking the tars)")
     args = p.parse_args(argv)
     try:
-        shards = resolve_shards(args.shards)
+        shards = resolve_shards(args.shards, what="shards")
     except FileNotFoundError as e:
         print(f"inspect_shards: error: {e}", file=sys.stderr)
         return 1

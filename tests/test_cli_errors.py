@@ -83,3 +83,16 @@ def test_export_checkpoint_tag_is_checked_before_launching(tmp_path):
     assert export.checkpoint_tag(run, "latest") == "step00000010"
     with pytest.raises(ValueError, match="step99 does not exist; checkpoints there: step00000010"):
         export.checkpoint_tag(run, "step99")
+
+
+def test_unfinished_runs_and_missing_shards_are_named_for_the_command(tmp_path):
+    """`sample --model <run without final_model/>` says what to do (it said "no config.json"); inspect_shards and
+    decode_latents name their own argument, not the training config's data.shards."""
+    from cogvx_ds.data.shards import resolve_shards
+    from cogvx_ds.sample import load_components
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="without final_model/ .*cogvx_ds.export"):
+        load_components(str(tmp_path / "run"))
+    with pytest.raises(FileNotFoundError, match="^shards: shard files not found"):
+        resolve_shards([str(tmp_path / "x.tar")], what="shards")

@@ -293,8 +293,9 @@ def read_manifest(shard: Path) -> tuple[ShardSamples | None, str]:
     return samples, ""
 
 
-def resolve_shards(specs: list[str]) -> list[Path]:
-    """Paths, globs, folders (with or without index.json) or index.json files -> a sorted list of shard paths."""
+def resolve_shards(specs: list[str], what: str = "data.shards") -> list[Path]:
+    """Paths, globs, folders (with or without index.json) or index.json files -> a sorted list of shard paths;
+    errors name `what` (the config field, or a command's argument)."""
     out: list[Path] = []
     for spec in specs:
         p = Path(spec)
@@ -310,7 +311,7 @@ def resolve_shards(specs: list[str]) -> list[Path]:
             out.append(p)
     missing = [str(p) for p in out if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"data.shards: shard files not found: {', '.join(missing[:10])}")
+        raise FileNotFoundError(f"{what}: shard files not found: {', '.join(missing[:10])}")
     if not out:
-        raise FileNotFoundError(f"data.shards: no shard files matched {specs}")
+        raise FileNotFoundError(f"{what}: no shard files matched {specs}")
     return out

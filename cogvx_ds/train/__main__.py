@@ -53,7 +53,10 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        try:
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), flush=True)
+        except BrokenPipeError:  # `--print-config | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     from cogvx_ds.utils import single_process_env, tune_malloc
 

@@ -78,7 +78,7 @@ class VAETrainConfig:
         if self.frames % 8 != 1:
             # 4k+1 frames encode to k+1 latents, but the decoder (like the reference) only gives 4k+1 frames back
             # for an odd latent count; an even one decodes to 4(k+1) frames. So train on 8j+1 frames.
-            raise ValueError(f"frames must be 8j+1 (9, 17, 33, ...) so reconstructions match the input, got {self.frames}")
+            raise ValueError(f"frames must be 8j+1 (9, 17, 25, 33, ...) so reconstructions match the input, got {self.frames}")
         if self.data is not None and not Path(self.data).exists():
             raise ValueError(f"data: {self.data} does not exist (a folder, .jsonl/.csv manifest or videos.txt)")
         if self.recon not in ("l1", "l2"):
