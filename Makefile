@@ -1,5 +1,8 @@
-# Each target bootstraps .venv on first use (torch==2.13.0 first, so pip never pulls a CUDA build).
+# Each target bootstraps .venv on first use: torch==2.13.0 first, from PyTorch's CPU wheel index as well as PyPI
+# (PyPI's Linux torch is the multi-GB CUDA build; the index's 2.13.0+cpu ranks above it). On a GPU machine:
+# make venv TORCH_INDEX=https://download.pytorch.org/whl/cu128 (or your CUDA's).
 PYTHON ?= python3
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
@@ -12,7 +15,7 @@ venv: $(STAMP)
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0 --extra-index-url $(TORCH_INDEX)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 

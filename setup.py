@@ -1,7 +1,8 @@
 """cogvx_ds: CogVideoX-style text-to-video training with Megatron-core TP, DeepSpeed ZeRO-3 and Ulysses SP.
 
 Version ranges are the ones this project is tested with (Python 3.10-3.11, CPU/gloo and CUDA/NCCL).
-Install torch first (`pip install torch==2.13.0`): an unpinned torch pulls a multi-GB CUDA build.
+Install torch first (`make venv` does: `pip install torch==2.13.0 --extra-index-url
+https://download.pytorch.org/whl/cpu`); PyPI's Linux torch is a multi-GB CUDA build.
 """
 
 from setuptools import find_packages, setup
@@ -19,13 +20,15 @@ setup(
         "megatron-core>=0.15,<0.17",
         "transformers>=4.44,<6",
         "safetensors>=0.4",
-        "webdataset>=0.2.86,<2",
-        "decord>=0.6",
+        # decord has wheels for x86-64 only; elsewhere (e.g. aarch64 GH200 nodes) video decoding uses PyAV
+        "decord>=0.6; platform_machine == 'x86_64' or platform_machine == 'AMD64'",
         "av>=12",
         "tensorboard>=2.15",
         "pyyaml>=6",
         "tqdm>=4.66",
         "numpy>=1.24",
+        "pillow>=9",
+        "psutil>=5.9",
     ],
     extras_require={
         # diffusers is the test oracle only: nothing under cogvx_ds/ imports it at run time.
