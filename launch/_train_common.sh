@@ -35,6 +35,17 @@ export MASTER_ADDR MASTER_PORT OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 mkdir -p "$RUN_DIR" logs
 
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
+# One run dir per job: the preemption trap writes STOP into $RUN_DIR, and array tasks would share it.
+if [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
+    echo "the training scripts are not array jobs (every task would train into $RUN_DIR); submit one job per run" >&2
+    exit 2
+fi
+for arg in ${EXTRA[@]+"${EXTRA[@]}"}; do
+    case "$arg" in
+      train.run_dir=*) echo "set RUN_DIR instead of $arg in EXTRA_ARGS (the preemption trap writes RUN_DIR/STOP)" >&2
+                       exit 2 ;;
+    esac
+done
 # ${A[@]+"${A[@]}"}: an empty array under `set -u` is an error in bash <= 4.3 (RHEL/CentOS 7)
 TRAIN_ARGS=(--config "$MODEL" --config "$STAGE_CONFIG" "train.run_dir=$RUN_DIR" "data.shards=[$DATA]" ${EXTRA[@]+"${EXTRA[@]}"})
 echo "[$(date -Is)] job $JOB_ID stage $STAGE: $NODES node(s) x $GPUS_PER_NODE = $WORLD processes, launcher $LAUNCHER," \

@@ -159,6 +159,16 @@ def test_bad_config_launches_nothing(env):
     assert _sbatch("train_lq.sbatch", {k: v for k, v in env.items() if k != "DATA"}).returncode != 0
 
 
+def test_run_dir_belongs_to_one_job(env):
+    """The preemption trap writes $RUN_DIR/STOP: a train.run_dir in EXTRA_ARGS (the trainer would use it, the trap
+    not) and array tasks (sharing one run dir) are refused before anything starts."""
+    proc = _sbatch("train_lq.sbatch", env, EXTRA_ARGS="train.lr=1e-4 train.run_dir=/elsewhere")
+    assert proc.returncode == 2 and "set RUN_DIR instead" in proc.stderr
+    proc = _sbatch("train_lq.sbatch", env, SLURM_ARRAY_TASK_ID="3")
+    assert proc.returncode == 2 and "not array jobs" in proc.stderr
+    assert not any(x.startswith("srun") for x in log(env))
+
+
 def test_encode_array_job(env, tmp_path):
     proc = _sbatch("encode_array.sbatch", env, INPUT="/data/raw/manifest.jsonl", VAE="/m/vae", OUT="/data/lat",
                    TEXT_ENCODER="/m/t5", SLURM_ARRAY_TASK_ID="3", SLURM_ARRAY_TASK_COUNT="16")
