@@ -41,6 +41,9 @@ def check_exportable(cfg) -> None:
                          f"(sample it with python -m cogvx_ds.sample instead)")
 
 
+DIFFUSERS_TEXT_LENGTH = 226  # CogVideoXPipeline's default max_sequence_length
+
+
 def set_training_sample_size(transformer_dir: Path, cfg) -> None:
     """Write the training clip size as the transformer's sample size. diffusers' pipeline maps a video's token grid
     onto the sample grid for RoPE (positions scaled by sample / grid) while training used integer positions on
@@ -232,6 +235,9 @@ def main(argv=None) -> int:
     set_training_sample_size(out / "transformer", cfg)
     write_pipeline_parts(out, cfg.diffusion, Path(args.vae), Path(args.text_encoder), cfg.data.latent_scale)
     print(f"wrote {out} ({PIPELINE_CLASS}: transformer, vae, text_encoder, tokenizer, scheduler)")
+    if cfg.model.max_text_seq_length != DIFFUSERS_TEXT_LENGTH:
+        print(f"note: this model reads {cfg.model.max_text_seq_length} text tokens; the pipeline encodes "
+              f"{DIFFUSERS_TEXT_LENGTH} unless called with max_sequence_length={cfg.model.max_text_seq_length}")
     return 0
 
 

@@ -47,8 +47,10 @@ def test_diffusers_pipeline_loads_export_and_first_step_matches(run_dir, tmp_pat
     from diffusers import CogVideoXPipeline
 
     out = tmp_path / "pipe"
-    subprocess.run([sys.executable, "-m", "cogvx_ds.export", f"--run-dir={run_dir / 'run'}", f"--out={out}",
-                    f"--vae={run_dir / 'vae'}", f"--text-encoder={run_dir / 't5'}"], check=True)
+    proc = subprocess.run([sys.executable, "-m", "cogvx_ds.export", f"--run-dir={run_dir / 'run'}", f"--out={out}",
+                           f"--vae={run_dir / 'vae'}", f"--text-encoder={run_dir / 't5'}"], check=True,
+                          capture_output=True, text=True)
+    assert "max_sequence_length=16" in proc.stdout  # the model reads 16 text tokens, the pipeline's default is 226
     pipe = CogVideoXPipeline.from_pretrained(out)
     prompt, steps, guidance = "a red circle moving left", 4, 3.0
     x_T = torch.randn(1, 3, 4, 4, 6, generator=torch.Generator().manual_seed(3))
