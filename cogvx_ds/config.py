@@ -366,6 +366,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     _require(p.tensor_parallel >= 1, "parallel.tensor_parallel", p.tensor_parallel, "must be >= 1")
     _require(p.sequence_parallel >= 1, "parallel.sequence_parallel", p.sequence_parallel, "must be >= 1")
     _require(p.backend in ("auto", "nccl", "gloo"), "parallel.backend", p.backend, "must be auto, nccl or gloo")
+    _require(p.timeout_minutes > 0, "parallel.timeout_minutes", p.timeout_minutes, "must be positive")
     if world_size is not None:
         mp = p.tensor_parallel * p.sequence_parallel
         _require(world_size % mp == 0, "parallel.tensor_parallel x parallel.sequence_parallel", mp,
@@ -408,6 +409,8 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         _require(getattr(t, name) > 0, f"train.{name}", getattr(t, name), "must be positive")
     _require(t.lr > 0, "train.lr", t.lr, "must be positive")
     _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
+    _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0: no clipping)")
+    _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
     _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", t.betas,
              "must be two numbers in [0, 1)")
     if t.ema_decay is not None:

@@ -42,8 +42,10 @@ def training_settings(model: str | Path):
         if (run / "config.yaml").is_file() and ((run / "final_model").is_dir() or (run / "checkpoints").is_dir()):
             cfg = load_config(run / "config.yaml")
             return cfg.data.latent_scale, NoiseSchedule.from_config(cfg.diffusion)
-    sched = root / "scheduler" / "scheduler_config.json"
-    if sched.is_file():
+    # a pipeline folder, or its transformer/ (given as --model, with the pipeline's scheduler beside it)
+    sched = next((p for p in (root / "scheduler" / "scheduler_config.json",
+                              root.parent / "scheduler" / "scheduler_config.json") if p.is_file()), None)
+    if sched is not None:
         c = json.loads(sched.read_text())
         if c.get("prediction_type", "v_prediction") != "v_prediction":
             raise ValueError(f"{sched}: prediction_type {c['prediction_type']!r}; only v_prediction is implemented")

@@ -121,3 +121,13 @@ def test_cli_prints_the_resolved_config_before_data_exists_and_refuses_bad_value
     assert "data.shards" in capsys.readouterr().err
     assert main(["--config", "model/tiny", "model.cpu_linear=mkl", "--print-config"]) == 2
     assert "model.cpu_linear = 'mkl'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override,field", [("train.grad_clip=-1", "train.grad_clip"),
+                                            ("train.weight_decay=-0.1", "train.weight_decay"),
+                                            ("parallel.timeout_minutes=0", "parallel.timeout_minutes")])
+def test_numbers_that_would_silently_mean_something_else_are_refused(override, field):
+    """A negative grad_clip meant no clipping, a negative weight decay grew the weights, a zero timeout failed
+    every collective."""
+    with pytest.raises(ConfigError, match=field):
+        validate(load_config("tiny", [override]))

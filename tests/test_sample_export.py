@@ -121,8 +121,9 @@ def test_sampling_uses_the_training_runs_latent_scale_and_schedule(run_dir, tmp_
     out = tmp_path / "pipe"
     subprocess.run([sys.executable, "-m", "cogvx_ds.export", f"--run-dir={run}", f"--out={out}",
                     f"--vae={run_dir / 'vae'}", f"--text-encoder={run_dir / 't5'}"], check=True, capture_output=True)
-    scale, schedule = training_settings(out)
-    assert scale is None and torch.allclose(schedule.alphas_cumprod, want, rtol=1e-12, atol=0)
+    for where in (out, out / "transformer"):  # its transformer/ alone finds the pipeline's scheduler beside it
+        scale, schedule = training_settings(where)
+        assert scale is None and torch.allclose(schedule.alphas_cumprod, want, rtol=1e-12, atol=0)
     assert CogVideoXPipeline.from_pretrained(out).vae.config.scaling_factor == 0.5
     sched = out / "scheduler" / "scheduler_config.json"
     eps = tmp_path / "eps" / "scheduler"

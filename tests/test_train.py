@@ -481,6 +481,9 @@ def test_shards_that_cannot_train_the_model_fail_before_the_engine_is_built(shar
             w.add(f"v{i}", torch.zeros(4, 3, 8, 8), torch.zeros(4, 3, 8, 8), {"bucket": "3x8x8", "latent_frames": 3})
     proc = train(*train_args(tmp_path / "run_no_text", no_text), check=False)
     assert proc.returncode == 2 and "4 of 4 samples carry no text embedding" in proc.stderr, proc.stderr[-2000:]
+    # data.height/width only feed the export's sample size: a size the shards do not have gets a note
+    proc = train(*train_args(tmp_path / "size", shards, "train.max_steps=1", "data.height=32"))
+    assert "first sample is 64x64 pixels" in proc.stderr and "data.height x data.width = 32x64" in proc.stderr
 
 
 @pytest.mark.slow

@@ -575,6 +575,12 @@ class Trainer:
         if sample["text"].shape[-1] != m.text_embed_dim:
             raise ValueError(f"data.shards: text embeddings are {sample['text'].shape[-1]}-wide ({where}) but "
                              f"model.text_embed_dim = {m.text_embed_dim}: encode with the model's text encoder")
+        d = self.cfg.data
+        size = tuple(n * d.vae_spatial_compression for n in sample["mean"].shape[-2:])
+        if self.is_main and size != (d.height, d.width):
+            print(f"note: the shards' first sample is {size[0]}x{size[1]} pixels ({where}), data.height x data.width "
+                  f"= {d.height}x{d.width}; export writes data.height/width as the pipeline's sample size (its RoPE "
+                  f"grid and default size): set them to the size you train at", file=sys.stderr, flush=True)
         self.plan.epoch(0)
 
     def _check_data_plan(self) -> None:
