@@ -7,7 +7,7 @@
 #
 #   here:   bash benchmarks/gpu_mfu.sh prepare
 #           wheels of what the device image lacks (Python 3.12: diffusers, megatron-core, DeepSpeed built here as a
-#           pure-Python wheel, and DeepSpeed's and webdataset's own dependencies) -> .whl/ (git-ignored)
+#           pure-Python wheel, and DeepSpeed's own dependencies) -> .whl/ (git-ignored)
 #   there:  device run, carry [".whl"], command "bash benchmarks/gpu_mfu.sh all" (smoke, then run; about 8 min)
 #     run:   tables on stdout, $OUT/dit_step_{2b,5b}.json
 #     smoke: the training code paths that only a GPU takes, in a few minutes: the tiny DiT trained on NCCL in bf16
@@ -25,7 +25,7 @@ prepare)
   $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       -d .whl diffusers==0.42.1 megatron-core==0.16.1 hjson pydantic pydantic-core annotated-types \
-      typing-inspection webdataset braceexpand
+      typing-inspection
   # DeepSpeed publishes a source archive only: build it here (no compiled ops: ZeRO with torch's AdamW needs none)
   $py -m pip wheel -q --no-deps --no-build-isolation "deepspeed==$($py -m pip show deepspeed | sed -n 's/^Version: //p')" -w .whl
   ls -l .whl

@@ -79,7 +79,7 @@ def _write_text_encoder(src: Path, dst: Path) -> str:
     encoder-only folder is copied; a full encoder-decoder checkpoint (e.g. google/t5-v1_1-xxl) is saved as its
     encoder: recorded as T5ForConditionalGeneration, the pipeline built the whole model and failed on its first
     prompt ("You must specify exactly one of input_ids or inputs_embeds"), and the decoder's weights were copied."""
-    arch = json.loads((src / "config.json").read_text()).get("architectures", ["T5EncoderModel"])[0]
+    arch = (json.loads((src / "config.json").read_text()).get("architectures") or ["T5EncoderModel"])[0]
     if arch not in _ENCODER_OF:
         _copy_tree(src, dst)
         return arch
@@ -92,14 +92,20 @@ def _write_text_encoder(src: Path, dst: Path) -> str:
     return _ENCODER_OF[arch]
 
 
-def _write_tokenizer(src: Path, dst: Path) -> None:
-    """The tokenizer's files only (a tokenizer beside the model weights used to copy the weights too: ~19 GB more
-    per export for T5-XXL)."""
-    from transformers import AutoTokenizer
+# a model folder's files that are not its tokenizer's
+_MODEL_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.h5",
+                "*.msgpack", "*.ckpt", "config.json", "generation_config.json")
 
+
+def _write_tokenizer(src: Path, dst: Path) -> None:
+    """The tokenizer's files, copied as they are (spiece.model, tokenizer.json, tokenizer_config.json, ...), without
+    the model's: a tokenizer beside the weights used to copy the weights too, ~19 GB more per export for T5-XXL."""
     if dst.exists():
         shutil.rmtree(dst)
-    AutoTokenizer.from_pretrained(src, local_files_only=True).save_pretrained(dst)
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file() and not any(f.match(pattern) for pattern in _MODEL_FILES):
+            shutil.copy2(f, dst / f.name)
 
 
 def check_pipeline_inputs(vae: Path, text_encoder: Path) -> None:

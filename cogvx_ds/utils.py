@@ -57,8 +57,16 @@ def local_gpu() -> int:
     return int(os.environ.get("LOCAL_RANK", 0)) % max(1, torch.cuda.device_count())
 
 
-# step ids of a batch script's own shell and of the extern step (names, or their numeric values): one process
-_NOT_A_TASK_STEP = {"batch", "extern", "interactive", "4294967293", "4294967294", "4294967295"}
+# step ids of a batch script's own shell, the extern and interactive steps: names, or Slurm's reserved numbers
+# (from SLURM_MAX_NORMAL_STEP_ID + 1 = 0xfffffff0 up: batch is 0xfffffffb since 20.11, 0xfffffffe before)
+_NOT_A_TASK_STEP = {"batch", "extern", "interactive"}
+_FIRST_SPECIAL_STEP_ID = 0xFFFFFFF0
+
+
+def _is_task_step(step: str | None) -> bool:
+    if step is None or step in _NOT_A_TASK_STEP:
+        return False
+    return not (step.isdigit() and int(step) >= _FIRST_SPECIAL_STEP_ID)
 
 
 def slurm_step_task(env=None) -> tuple[int, int] | None:
@@ -66,8 +74,7 @@ def slurm_step_task(env=None) -> tuple[int, int] | None:
     in a batch script's own shell, which has SLURM_PROCID=0 and the job's SLURM_NTASKS too but is one process
     (srun sets SLURM_STEP_ID / SLURM_STEP_NUM_TASKS for the tasks it starts)."""
     env = os.environ if env is None else env
-    step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))
-    if "SLURM_PROCID" not in env or step is None or step in _NOT_A_TASK_STEP:
+    if "SLURM_PROCID" not in env or not _is_task_step(env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))):
         return None
     return int(env["SLURM_PROCID"]), int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
 

@@ -603,13 +603,13 @@ def run(args) -> dict:
         return {"index": str(finalize(out))}
     out.mkdir(parents=True, exist_ok=True)
     rank, world = detect_rank(args.rank, args.world_size)
+    _check_model_paths(args)  # before the inputs are read (minutes at 10M) and the plan (which records them) written
     per_shard = max(1, args.samples_per_shard // max(args.clips_per_video, 1))
     count, inputs_sha256, items = read_inputs(args.input, args.prompts, per_shard, rank, world,
                                               progress=not args.no_progress)
     if not count:
         raise ValueError(f"--input: no inputs found in {args.input}")
     plan = ShardPlan(count, per_shard)
-    _check_model_paths(args)  # before the plan is written: it records them, and a re-run must then match it
     check_or_write_plan(out, plan_record(args, inputs_sha256, plan))
     owned = plan.owned(rank, world)
     todo = [k for k in owned if not (out / f"{shard_name(k)}.tar").is_file()]

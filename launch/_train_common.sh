@@ -54,6 +54,8 @@ echo "[$(date -Is)] job $JOB_ID stage $STAGE: $NODES node(s) x $GPUS_PER_NODE = 
 # The markers belong to this job: one left by an earlier job would stop this one at once (STOP) or requeue it
 # after a failure that happened before the trainer got to clear it (REQUEUE), again and again.
 rm -f "$RUN_DIR/STOP" "$RUN_DIR/REQUEUE"
+# the trainer keeps markers written after this (by the trap below while it starts up) and removes older ones
+export COGVX_JOB_START=$(date +%s)
 # From here on a preemption signal is a request to checkpoint and stop (the trainer keeps a STOP written while it
 # starts up, and stops at its first step).
 trap 'echo "[$(date -Is)] preemption signal: asking the trainer to checkpoint and stop"; touch "$RUN_DIR/STOP"' USR1

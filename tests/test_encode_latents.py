@@ -314,8 +314,9 @@ def test_rank_detection_and_plan_guard(monkeypatch, tmp_path, vae_dir, synthetic
     monkeypatch.setenv("SLURM_NTASKS", "8")
     assert el.detect_rank(None, None) == (0, 1)
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")
-    monkeypatch.setenv("SLURM_STEP_ID", "batch")
-    assert el.detect_rank(None, None) == (0, 1)
+    for batch_step in ("batch", "4294967291", "4294967294"):  # the batch step's id, by name and number
+        monkeypatch.setenv("SLURM_STEP_ID", batch_step)
+        assert el.detect_rank(None, None) == (0, 1)
     # task 5 of a plain `srun --ntasks=8 python -m data_tools.encode_latents ...` (no array, no torchrun)
     monkeypatch.setenv("SLURM_STEP_ID", "0")
     monkeypatch.setenv("SLURM_PROCID", "5")

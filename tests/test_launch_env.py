@@ -133,3 +133,30 @@ def test_trainers_start_under_plain_srun(trainer, tasks):
         assert p.returncode == 0, err[-2000:]
     lines = sorted(line for out, _ in outs for line in out.splitlines() if line.startswith("rank"))
     assert lines == [f"rank {r} world {tasks} sum {tasks}" for r in range(tasks)]
+
+
+@pytest.mark.slow
+def test_sigterm_still_stops_a_trainer_that_is_waiting_for_its_peers(tmp_path):
+    """Only SIGUSR1 is caught during start-up: a SIGTERM handler there only set a flag, and a process blocked in
+    the rendezvous (here: rank 0 of 2, whose peer never comes) lived on until SIGKILL or the collective timeout."""
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env.update(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_helpers import make_shards, train_args
+
+    shards = make_shards(tmp_path / "shards", n_video=4)
+    proc = subprocess.Popen([sys.executable, "-m", "cogvx_ds.train", *train_args(tmp_path / "run", shards)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # well into init_process_group's wait
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the trainer ignored SIGTERM while waiting for its peer")
+    assert proc.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM)

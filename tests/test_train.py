@@ -101,11 +101,13 @@ def test_stop_file_from_the_launcher_stops_like_a_signal(shards, tmp_path):
     train(*train_args(tmp_path, shards, f"train.max_steps={last + 1}"))  # the requeued job resumes
     assert not (tmp_path / "STOP").exists() and not (tmp_path / "REQUEUE").exists()
     assert read_metrics(tmp_path)[-1]["step"] == last + 1
-    # a STOP that the launcher writes while the next job is still starting up (its mtime is after the process
-    # started) is kept: the run stops at its first step instead of erasing the request and training on
+    # a STOP that the launcher's trap writes after its job began, while the trainer is still starting up, is kept:
+    # the run stops at its first step instead of erasing the request and training on (launch/_train_common.sh
+    # exports COGVX_JOB_START; the trainer's own process start, later than the STOP here, erased it)
     (tmp_path / "STOP").touch()
-    os.utime(tmp_path / "STOP", (time.time() + 3600, time.time() + 3600))
-    proc = train(*train_args(tmp_path, shards, f"train.max_steps={last + 10}"), check=False)
+    time.sleep(1.1)
+    proc = train(*train_args(tmp_path, shards, f"train.max_steps={last + 10}"), check=False,
+                 env=dict(ENV, COGVX_JOB_START=str(time.time() - 5)))
     assert proc.returncode == REQUEUE_EXIT_CODE, proc.stderr[-3000:]
     assert read_metrics(tmp_path)[-1]["step"] == last + 2
 
@@ -505,3 +507,25 @@ def test_a_resume_refuses_another_seed_or_latent_scale_and_a_damaged_state(shard
     state.write_text(state.read_text()[:40])  # cut short by a crash
     proc = train(*train_args(tmp_path, shards, "train.max_steps=3"), check=False)
     assert proc.returncode == 2 and "trainer_state.json is damaged" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_rolled_back_run_rewrites_later_checkpoints_whole_and_names_the_old_mix(shards, tmp_path):
+    """latest pointed back at step 2 (as the trainer's errors advise): reaching step 4 again replaces that folder
+    instead of writing into it (a stale EMA file there was recorded and would be loaded). A checkpoint planned with
+    the old image/video mix is named as such on resume."""
+    args = train_args(tmp_path, shards, "train.max_steps=4", "data.image_ratio=0.3")
+    train(*args)
+    ckpt = tmp_path / "checkpoints"
+    (ckpt / "step00000004" / "ema_rank00000.safetensors").write_bytes(b"stale")
+    (ckpt / "latest").write_text("step00000002")
+    state_file = ckpt / "step00000002" / "trainer_state.json"
+    st = json.loads(state_file.read_text())
+    del st["data_plan"]["mix"]  # as written before the mix was fixed
+    state_file.write_text(json.dumps(st))
+    proc = train(*args, check=False)
+    assert proc.returncode == 2 and "before the image/video mix was fixed" in proc.stderr, proc.stderr[-2000:]
+    train(*args, "train.resume_with_new_data=true")
+    assert (ckpt / "latest").read_text() == "step00000004"
+    assert not (ckpt / "step00000004" / "ema_rank00000.safetensors").exists()
+    assert "ema_rank00000.safetensors" not in json.loads((ckpt / "step00000004" / "trainer_state.json").read_text())["files"]

@@ -37,6 +37,8 @@ def test_init_from_is_checked_and_named(tmp_path):
     for path in (run, run / "checkpoints"):
         with pytest.raises(ValueError, match="without final_model/.*cogvx_ds.export"):
             init_source(str(path))
+    with pytest.raises(ValueError, match=f"--run-dir {run} --checkpoint step00000002 "):  # one checkpoint folder
+        init_source(str(run / "checkpoints" / "step00000002"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="train.init_from: .* has no config.json"):
         init_source(str(tmp_path / "empty"))
@@ -89,3 +91,15 @@ def test_print_config_checks_the_ds_config_before_any_launch(tmp_path, capsys):
     assert train_cli.main(["--config", "tiny", f"train.ds_config={zero2}", "--print-config"]) == 2
     assert "sets ZeRO stage 2 but train.zero_stage = 3" in capsys.readouterr().err
     assert train_cli.main(["--config", "tiny", f"train.ds_config={zero2}", "train.zero_stage=2", "--print-config"]) == 0
+
+
+def test_a_ds_config_without_a_zero_section_gets_the_yamls_stage(tmp_path):
+    import json
+
+    from cogvx_ds.config import load_config
+    from cogvx_ds.train.ds_config import build_ds_config
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"wall_clock_breakdown": False}))  # a KeyError traceback before
+    got = build_ds_config(load_config("tiny", [f"train.ds_config={ds}"]))
+    assert got["zero_optimization"] == {"stage": 3} and got["wall_clock_breakdown"] is False

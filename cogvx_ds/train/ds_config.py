@@ -32,7 +32,8 @@ def _read(path: Path) -> dict:
 def _check_user_config(ds: dict, cfg: Config, path: Path) -> None:
     """A value the user's file sets that the run would silently replace is an error naming both."""
     t = cfg.train
-    stage = ds.get("zero_optimization", {}).get("stage", t.zero_stage)
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", t.zero_stage) if isinstance(zero, dict) else t.zero_stage
     if stage != t.zero_stage:
         raise ValueError(f"train.ds_config {path} sets ZeRO stage {stage} but train.zero_stage = {t.zero_stage}; "
                          f"make them agree")
@@ -75,8 +76,10 @@ def build_ds_config(cfg: Config) -> dict:
         "fp16": {"initial_scale_power": 16, "loss_scale_window": 500, **fp16, "enabled": t.precision == "fp16"},
     })
     ds.pop("train_batch_size", None)  # DeepSpeed derives it; its "data parallel" size here is DP x SP
-    ds["zero_optimization"].setdefault("stage", t.zero_stage)
-    zero = ds["zero_optimization"]
+    zero = ds.setdefault("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ValueError(f"train.ds_config: zero_optimization must be a JSON object, got {zero!r}")
+    zero.setdefault("stage", t.zero_stage)
     if zero["stage"] == 3 and cfg.parallel.sequence_parallel > 1 and zero.get("reduce_scatter", True) is False:
         # ZeRO-3 then averages a gradient over DP only or over DP x SP depending on the parameter's size (the
         # all-reduce path vs the reduce-scatter fallback for parameters above reduce_bucket_size): no one loss

@@ -127,12 +127,16 @@ def init_source(src: str) -> tuple[str, Path]:
         raise FileNotFoundError(f"train.init_from: {path} does not exist")
     if (path / "final_model" / "config.json").is_file():
         return "diffusers", path / "final_model"  # a previous stage's run dir
-    run_dir = path.parent if path.name == "checkpoints" else path
+    run_dir, tag = path, "latest"
+    if path.name == "checkpoints":
+        run_dir = path.parent
+    elif (path / "trainer_state.json").is_file() and path.parent.name == "checkpoints":  # one checkpoint
+        run_dir, tag = path.parent.parent, path.name
     if path.is_dir() and ((run_dir / "checkpoints").is_dir() or any(path.glob("*/trainer_state.json"))
                           or (path / "trainer_state.json").is_file()):
         raise ValueError(f"train.init_from: {path} is a training run (DeepSpeed checkpoints) without final_model/: "
                          f"that run did not finish. Export one of its checkpoints (python -m cogvx_ds.export "
-                         f"--run-dir {run_dir} --checkpoint latest --out <dir> ..., launched like that training) and "
+                         f"--run-dir {run_dir} --checkpoint {tag} --out <dir> ..., launched like that training) and "
                          f"set train.init_from=<dir>/transformer, or let the run finish")
     if path.suffix == ".pt" or (path.is_dir() and any(path.rglob("mp_rank_00_model_states.pt"))):
         return "sat", path
@@ -191,10 +195,14 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         import psutil
 
-        self.started = psutil.Process().create_time()
-        # a preemption signal during start-up (minutes at scale) stops the run at its first step, not outright
+        # Markers older than this belong to an earlier job: launch/_train_common.sh exports when its job began (it
+        # removes earlier markers itself, and its preemption trap may write STOP while this process starts up);
+        # without it, this process's own start.
+        self.started = float(os.environ.get("COGVX_JOB_START") or psutil.Process().create_time())
+        # SIGUSR1 during start-up (minutes at scale) stops the run at its first step. SIGTERM keeps its default
+        # until the loop starts: a process blocked in a rendezvous or collective could not act on a flag.
         self.stop_signal = None
-        self._install_signal_handlers()
+        self._install_signal_handlers((signal.SIGUSR1,))
         # Input errors fail here, before any process group starts.
         self.shards = resolve_shards(cfg.data.shards)
         self.ds_config = build_ds_config(cfg)
@@ -338,6 +346,7 @@ class Trainer:
         logger = MetricsLogger(self.run_dir, enabled=self.is_main, resume_step=start_step)
         loader = RankLoader(self.plan, state.dp_rank(), state.dp_size(), t.micro_batch_size,
                             t.gradient_accumulation_steps, start_position=position, prefetch=cfg.data.prefetch)
+        self._install_signal_handlers((signal.SIGTERM, signal.SIGUSR1))
         tp = state.tp_size()
         step = start_step
         from tqdm import tqdm
@@ -395,7 +404,7 @@ class Trainer:
                 self._report_profile(profiler.end(step))
                 sums, counts = bucket_loss_sums(losses, timesteps.long(), self.schedule.num_train_timesteps,
                                                 min(LOSS_BUCKETS, self.schedule.num_train_timesteps))
-                logged = step % t.log_every == 0 or step == t.max_steps
+                logged = step % t.log_every == 0 or step == t.max_steps or profiler.profiling(step)
                 logger.log(step, None if not logged else {
                     "loss": losses.mean().item(), "lr": lr,
                     "grad_norm": _to_float(self.engine.get_global_grad_norm()),
@@ -457,6 +466,12 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------- checkpoints
     def save(self, step: int, position: int) -> None:
         tag = f"step{step:08d}"
+        latest = self.ckpt_dir / "latest"
+        if self.is_main and (self.ckpt_dir / tag).is_dir() and not (latest.is_file() and latest.read_text().strip() == tag):
+            # a folder of this step from a run that went further before it was rolled back (pruning keeps those):
+            # its files (an EMA, another layout's shards) would be recorded and loaded with the new ones
+            shutil.rmtree(self.ckpt_dir / tag)
+        dist.barrier()
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False)
         if self.ema is not None:
             self.ema.save(self.ckpt_dir / tag / f"ema_rank{self.rank:05d}.safetensors")
@@ -512,7 +527,8 @@ class Trainer:
             raise FileNotFoundError(f"{self.ckpt_dir / tag}: {len(damaged)} file(s) missing or shorter than "
                                     f"written: {', '.join(damaged[:4])}; restore them, or point {latest} at an "
                                     f"intact step* checkpoint")
-        changed = [f"{k} {st[k]} -> {v}" for k, v in self._target_settings().items() if k in st and st[k] != v]
+        changed = [f"{k} {st[k]} -> {v}" for k, v in self._target_settings().items()
+                   if k in st and not math.isclose(st[k], v, rel_tol=1e-9)]  # (a recomputed scale's last bits)
         if changed:  # (recorded since they are: older checkpoints are not checked)
             raise ValueError(f"{self.ckpt_dir / tag}: {', '.join(changed)} since this checkpoint: a resume would "
                              f"draw other noise or train on another latent scale; set them back, or start a new "
@@ -593,6 +609,11 @@ class Trainer:
         if saved is None or saved == now:
             return
         changed = ", ".join(f"{k} {saved.get(k)} -> {now[k]}" for k in now if saved.get(k) != now[k])
+        if not self.cfg.train.resume_with_new_data and set(now) - set(saved) == {"mix"} and all(
+                saved[k] == now[k] for k in saved):
+            raise ValueError(f"{self.ckpt_dir / tag} was written before the image/video mix was fixed (data.image_ratio "
+                             f"now holds to the end of each epoch instead of ending it with one kind): the same data "
+                             f"gives another sequence of batches. Continue with train.resume_with_new_data=true")
         if not self.cfg.train.resume_with_new_data:
             raise ValueError(f"{self.ckpt_dir / tag}: the data plan changed since this checkpoint ({changed}), so its "
                              f"data position {st['data_position']} would point into another sequence of batches. "
@@ -626,11 +647,11 @@ class Trainer:
         return st["step"], st["data_position"]
 
     # ---------------------------------------------------------------------------------------------- signals
-    def _install_signal_handlers(self) -> None:
+    def _install_signal_handlers(self, signals) -> None:
         def handler(signum, _frame):
             self.stop_signal = signal.Signals(signum).name
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in signals:
             signal.signal(sig, handler)
 
     def _agreed_stop(self) -> bool:
