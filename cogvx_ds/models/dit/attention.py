@@ -57,6 +57,12 @@ import torch.nn.functional as F
 
 KERNELS = ("auto", "tiled", "sdpa")
 TILE_BYTES = 4 << 20  # scores per tile: 4 MiB stays in the L3 cache between the matmul and the softmax
+# With 2+ threads a tile holds at least one pair per thread while that stays within this: each bmm then runs its
+# pairs side by side, one per thread, instead of splitting one pair's matmul over the threads (float32, 8 x 1,088
+# tokens x 64, forward + backward on 2 threads: 1.06x with two pairs, mean of 8 processes, 0.96-1.16x each;
+# neutral at 1,536-2,048 tokens, which this cap leaves at one pair; the benchmark model's training step: 1.016x,
+# mean of 6 processes of 25-40 interleaved rounds, 0.99-1.04x each)
+TILE_BYTES_ONE_PAIR_PER_THREAD = 16 << 20
 # The "auto" route's longest sequence per dtype (see the module docstring); other dtypes (float16, float64): SDPA
 TILED_MAX_TOKENS = {torch.bfloat16: 3072, torch.float32: 1536}
 TILED_MAX_TOKENS_NO_GRAD = {torch.float32: 128}  # without autograd (see the module docstring)
@@ -115,7 +121,9 @@ def _augment(x, cols):
 
 def _tile(n: int, s: int, dtype) -> int:
     """How many (sample, head) pairs one tile of scores holds."""
-    return max(1, min(n, TILE_BYTES // max(1, s * s * dtype.itemsize)))
+    pair = max(1, s * s * dtype.itemsize)
+    per_thread = min(torch.get_num_threads(), TILE_BYTES_ONE_PAIR_PER_THREAD // pair)
+    return max(1, min(n, max(TILE_BYTES // pair, per_thread)))
 
 
 def _hi_lo(x, dtype):
