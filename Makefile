@@ -15,7 +15,8 @@ venv: $(STAMP)
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0 --extra-index-url $(TORCH_INDEX)
+	$(PY) -m pip install -q --no-deps --retries 1 --timeout 30 torch==2.13.0 --extra-index-url $(TORCH_INDEX)
+	$(PY) -m pip install -q torch==2.13.0  # its dependencies, from PyPI
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
