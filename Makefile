@@ -1,6 +1,7 @@
 # Each target bootstraps .venv on first use: torch==2.13.0 first, from PyTorch's CPU wheel index as well as PyPI
-# (PyPI's Linux torch is the multi-GB CUDA build; the index's 2.13.0+cpu ranks above it). On a GPU machine:
-# make venv TORCH_INDEX=https://download.pytorch.org/whl/cu128 (or your CUDA's).
+# (PyPI's Linux torch is the multi-GB CUDA build; the index's 2.13.0+cpu ranks above it; an unreachable index is
+# retried once, then PyPI's build is taken). Only torch is looked up there; its dependencies come from PyPI.
+# On a GPU machine: make venv TORCH_INDEX=https://download.pytorch.org/whl/cu128 (or your CUDA's).
 PYTHON ?= python3
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 VENV   := .venv

@@ -1,8 +1,8 @@
 """cogvx_ds: CogVideoX-style text-to-video training with Megatron-core TP, DeepSpeed ZeRO-3 and Ulysses SP.
 
 Version ranges are the ones this project is tested with (Python 3.10-3.11, CPU/gloo and CUDA/NCCL).
-Install torch first (`make venv` does: `pip install torch==2.13.0 --extra-index-url
-https://download.pytorch.org/whl/cpu`); PyPI's Linux torch is a multi-GB CUDA build.
+Install torch first, from PyTorch's CPU wheel index (`make venv` does, see the Makefile); PyPI's Linux torch is a
+multi-GB CUDA build.
 """
 
 from setuptools import find_packages, setup

@@ -93,11 +93,11 @@ def _write_text_encoder(src: Path, dst: Path) -> str:
 
 
 # a model folder's files that are not its tokenizer's
-_MODEL_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.h5",
-                "*.msgpack", "*.ckpt", "config.json", "generation_config.json")
+_MODEL_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth", "*.h5",
+                "*.msgpack", "*.ckpt", "*.ckpt.*", "*.ot", "*.onnx", "*.gguf", "config.json", "generation_config.json")
 
 
-def _write_tokenizer(src: Path, dst: Path) -> None:
+def _write_tokenizer(src: Path, dst: Path, model_config: Path) -> None:
     """The tokenizer's files, copied as they are (spiece.model, tokenizer.json, tokenizer_config.json, ...), without
     the model's: a tokenizer beside the weights used to copy the weights too, ~19 GB more per export for T5-XXL."""
     if dst.exists():
@@ -106,6 +106,14 @@ def _write_tokenizer(src: Path, dst: Path) -> None:
     for f in src.iterdir():
         if f.is_file() and not any(f.match(pattern) for pattern in _MODEL_FILES):
             shutil.copy2(f, dst / f.name)
+    # a tokenizer class recorded only in the model's config.json (as ByT5 checkpoints do) goes with the tokenizer:
+    # without it the pipeline would load a T5Tokenizer and encode every prompt as unknown tokens
+    tok_config = dst / "tokenizer_config.json"
+    if tok_config.is_file() and model_config.is_file():
+        tok = json.loads(tok_config.read_text())
+        cls = json.loads(model_config.read_text()).get("tokenizer_class")
+        if not tok.get("tokenizer_class") and cls:
+            tok_config.write_text(json.dumps({**tok, "tokenizer_class": cls}, indent=2))
 
 
 def check_pipeline_inputs(vae: Path, text_encoder: Path) -> None:
@@ -138,7 +146,7 @@ def write_pipeline_parts(out: Path, diffusion: DiffusionConfig, vae: Path, text_
     vae_model.save_diffusers(out / "vae")
     te_root, tok_root = _text_encoder_roots(text_encoder)
     te_class = _write_text_encoder(te_root, out / "text_encoder")
-    _write_tokenizer(tok_root, out / "tokenizer")
+    _write_tokenizer(tok_root, out / "tokenizer", te_root / "config.json")
     tok_class = json.loads((out / "tokenizer" / "tokenizer_config.json").read_text()).get("tokenizer_class",
                                                                                           "T5Tokenizer")
     (out / "scheduler").mkdir(exist_ok=True)

@@ -58,15 +58,15 @@ def local_gpu() -> int:
 
 
 # step ids of a batch script's own shell, the extern and interactive steps: names, or Slurm's reserved numbers
-# (from SLURM_MAX_NORMAL_STEP_ID + 1 = 0xfffffff0 up: batch is 0xfffffffb since 20.11, 0xfffffffe before)
+# (above SLURM_MAX_NORMAL_STEP_ID = 0xfffffff0: batch is 0xfffffffb since 20.11, 0xfffffffe before)
 _NOT_A_TASK_STEP = {"batch", "extern", "interactive"}
-_FIRST_SPECIAL_STEP_ID = 0xFFFFFFF0
+_MAX_NORMAL_STEP_ID = 0xFFFFFFF0
 
 
 def _is_task_step(step: str | None) -> bool:
     if step is None or step in _NOT_A_TASK_STEP:
         return False
-    return not (step.isdigit() and int(step) >= _FIRST_SPECIAL_STEP_ID)
+    return not (step.isdigit() and int(step) > _MAX_NORMAL_STEP_ID)
 
 
 def slurm_step_task(env=None) -> tuple[int, int] | None:

@@ -50,6 +50,8 @@ def test_tiled_attention_float32_matches_float64(shape, tile_bytes, monkeypatch)
     """Output and all three input gradients; small tiles split the (sample, head) pairs into several tiles and a
     remainder."""
     monkeypatch.setattr(A, "TILE_BYTES", tile_bytes)
+    if tile_bytes != A.TILE_BYTES:  # and not one pair per thread, whatever this machine's thread count
+        monkeypatch.setattr(A, "TILE_BYTES_ONE_PAIR_PER_THREAD", 0)
     qkv = _qkv(*shape, torch.float32)
     cot = torch.randn(*shape, dtype=torch.float32)
     for err in _errors(qkv, cot, lambda q, k, v: A.attention(q, k, v, "tiled")):
@@ -68,7 +70,9 @@ def test_tiled_attention_bfloat16_is_as_accurate_as_sdpa(shape, logit_scale):
 
 
 def test_tiled_attention_gradcheck(monkeypatch):
-    for shape, tile in [((2, 7, 3, 4), 7 * 7 * 8 * 2), ((1, 5, 2, 8), 1 << 20)]:  # 3 tiles (2 + 2 + 2), one tile
+    monkeypatch.setattr(A, "TILE_BYTES_ONE_PAIR_PER_THREAD", 0)
+    # tiles are sized in float32 scores (196 bytes a pair here): 2 tiles (4 + 2), one tile
+    for shape, tile in [((2, 7, 3, 4), 7 * 7 * 8 * 2), ((1, 5, 2, 8), 1 << 20)]:
         qkv = _qkv(*shape, torch.float64, logit_scale=1.0)
         monkeypatch.setattr(A, "TILE_BYTES", tile)
         assert torch.autograd.gradcheck(lambda x: A.attention(*x.unbind(2), kernel="tiled"), (qkv,))
@@ -77,6 +81,7 @@ def test_tiled_attention_gradcheck(monkeypatch):
 def test_tiled_attention_without_autograd_matches(monkeypatch):
     """Under no_grad only one tile of probabilities lives at a time; the output is the same."""
     monkeypatch.setattr(A, "TILE_BYTES", 40_000)
+    monkeypatch.setattr(A, "TILE_BYTES_ONE_PAIR_PER_THREAD", 0)
     for dtype in (torch.float32, torch.bfloat16):
         qkv = _qkv(2, 100, 3, 32, dtype)
         with_grad = A.attention(*qkv.unbind(2), kernel="tiled")
@@ -163,3 +168,18 @@ def test_bfloat16_model_is_as_accurate_on_either_kernel(tmp_path):
         errors[kernel] = [rel_err(a, b) for a, b in zip(got, expected)] + [rel_err(grads(m), grads(reference))]
     for tiled, sdpa in zip(errors["auto"], errors["sdpa"]):
         assert tiled < 1.25 * sdpa, errors
+
+
+def test_a_tile_holds_one_pair_per_thread_within_its_cap():
+    """At 1,088 tokens one pair's float32 scores (4.7 MB) exceed TILE_BYTES: with 2+ threads a tile still holds one
+    pair per thread (each bmm runs them side by side), up to TILE_BYTES_ONE_PAIR_PER_THREAD of scores."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert A._tile(8, 1088, torch.float32) == 1
+        torch.set_num_threads(2)
+        assert A._tile(8, 1088, torch.float32) == 2 and A._tile(1, 1088, torch.float32) == 1
+        assert A._tile(8, 2048, torch.float32) == 1  # 16.8 MB a pair: over the cap
+        assert A._tile(8, 256, torch.float32) == 8  # small pairs: TILE_BYTES decides, as before
+    finally:
+        torch.set_num_threads(threads)

@@ -284,6 +284,12 @@ def test_export_of_a_full_t5_checkpoint_writes_its_encoder_only(run_dir, tmp_pat
     full = tmp_path / "t5_full"
     T5ForConditionalGeneration(config).save_pretrained(full)
     AutoTokenizer.from_pretrained(run_dir / "t5").save_pretrained(full)  # tokenizer beside the weights
+    # as hub ByT5 checkpoints have it: the tokenizer class recorded in the model's config.json only
+    tok_cfg = json.loads((full / "tokenizer_config.json").read_text())
+    cls = tok_cfg.pop("tokenizer_class")
+    (full / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    (full / "config.json").write_text(json.dumps({**json.loads((full / "config.json").read_text()),
+                                                  "tokenizer_class": cls}))
     out = tmp_path / "pipe"
     subprocess.run([sys.executable, "-m", "cogvx_ds.export", f"--run-dir={run_dir / 'run'}", f"--out={out}",
                     f"--vae={run_dir / 'vae'}", f"--text-encoder={full}"], check=True)
@@ -293,3 +299,5 @@ def test_export_of_a_full_t5_checkpoint_writes_its_encoder_only(run_dir, tmp_pat
     assert not any(n.startswith("decoder.") for n in pipe.text_encoder.state_dict())
     embeds, _ = pipe.encode_prompt("a red circle", do_classifier_free_guidance=False, max_sequence_length=8)
     assert embeds.shape == (1, 8, config.d_model)
+    assert type(pipe.tokenizer).__name__ == cls == "ByT5Tokenizer"  # not T5Tokenizer's unknown tokens
+    assert pipe.tokenizer("a cat").input_ids == AutoTokenizer.from_pretrained(run_dir / "t5")("a cat").input_ids

@@ -198,7 +198,10 @@ class Trainer:
         # Markers older than this belong to an earlier job: launch/_train_common.sh exports when its job began (it
         # removes earlier markers itself, and its preemption trap may write STOP while this process starts up);
         # without it, this process's own start.
-        self.started = float(os.environ.get("COGVX_JOB_START") or psutil.Process().create_time())
+        try:
+            self.started = float(os.environ["COGVX_JOB_START"])
+        except (KeyError, ValueError):
+            self.started = psutil.Process().create_time()
         # SIGUSR1 during start-up (minutes at scale) stops the run at its first step. SIGTERM keeps its default
         # until the loop starts: a process blocked in a rendezvous or collective could not act on a flag.
         self.stop_signal = None
@@ -527,8 +530,8 @@ class Trainer:
             raise FileNotFoundError(f"{self.ckpt_dir / tag}: {len(damaged)} file(s) missing or shorter than "
                                     f"written: {', '.join(damaged[:4])}; restore them, or point {latest} at an "
                                     f"intact step* checkpoint")
-        changed = [f"{k} {st[k]} -> {v}" for k, v in self._target_settings().items()
-                   if k in st and not math.isclose(st[k], v, rel_tol=1e-9)]  # (a recomputed scale's last bits)
+        changed = [f"{k} {st[k]} -> {v}" for k, v in self._target_settings().items() if k in st and (
+            st[k] != v if isinstance(v, int) else not math.isclose(st[k], v, rel_tol=1e-9))]  # floats: last bits
         if changed:  # (recorded since they are: older checkpoints are not checked)
             raise ValueError(f"{self.ckpt_dir / tag}: {', '.join(changed)} since this checkpoint: a resume would "
                              f"draw other noise or train on another latent scale; set them back, or start a new "

@@ -20,7 +20,8 @@ measured; so float32 without autograd takes it only up to `TILED_MAX_TOKENS_NO_G
 prints this table for the CPU it runs on; `benchmarks/dit_step.py --attention-kernels` times the whole training step
 both ways.
 
-The kernel works on a few (sample, head) pairs at a time, as many as keep one tile of scores within `TILE_BYTES`:
+The kernel works on a few (sample, head) pairs at a time, a tile: as many as keep its scores within `TILE_BYTES`,
+and with 2+ threads at least one pair per thread up to `TILE_BYTES_ONE_PAIR_PER_THREAD` (see there):
     forward   S = (q / sqrt(d)) k^T,  P = softmax(S),  O = P v             (P and O are kept for backward)
               (the 1 / sqrt(d) is the matmul's alpha: no scaled copy of q)
     backward  dV = P^T dO,  dS = P * (dO v^T - D),  D = rowsum(dO * O),  dQ = dS k / sqrt(d),  dK = dS^T q / sqrt(d)
@@ -39,8 +40,9 @@ tile lives at a time); `cogvx_ds.perf_model.activation_bytes(attention="tiled")`
 forward also holds one float32 tile of scores and float32 copies of q and k while it runs. Never on GPUs (flash
 is faster there) and never inside torch.compile (`model.compile_blocks` compiles SDPA).
 
-Why the pairs run one after another, each matmul on all threads, and are not split over the cores (4 pairs per
-core, measured on the 2-core reference CPU, float32, 8 pairs x 1,088 tokens x 64): in C++ with `at::parallel_for`
+Why the tiles run one after another, each batched matmul on all threads, and the pairs are not split over the cores
+in Python or C++ (4 pairs per core, measured on the 2-core reference CPU, float32, 8 pairs x 1,088 tokens x 64; the
+comparison was made with one pair per tile): in C++ with `at::parallel_for`
 on the caller's OpenMP team the forward took 24-26 ms against 17.5-20 (two cores writing kept probabilities at once
 share the memory bandwidth), the backward 32-38 against 30-36, and the whole step was 1.005x. Two single-threaded
 Python workers looked 1.08-1.3x faster alone, but made the step 3-6% slower: libgomp's team of the calling thread
