@@ -26,14 +26,16 @@ def _read(path: Path) -> dict:
         raise ValueError(f"train.ds_config: {path} is not valid JSON: {e}") from e
     if not isinstance(ds, dict):
         raise ValueError(f"train.ds_config: {path} must hold a JSON object, got {type(ds).__name__}")
+    for section in ("zero_optimization", "bf16", "fp16"):
+        if section in ds and not isinstance(ds[section], dict):
+            raise ValueError(f"train.ds_config: {path}: {section} must be a JSON object, got {ds[section]!r}")
     return ds
 
 
 def _check_user_config(ds: dict, cfg: Config, path: Path) -> None:
     """A value the user's file sets that the run would silently replace is an error naming both."""
     t = cfg.train
-    zero = ds.get("zero_optimization", {})
-    stage = zero.get("stage", t.zero_stage) if isinstance(zero, dict) else t.zero_stage
+    stage = ds.get("zero_optimization", {}).get("stage", t.zero_stage)
     if stage != t.zero_stage:
         raise ValueError(f"train.ds_config {path} sets ZeRO stage {stage} but train.zero_stage = {t.zero_stage}; "
                          f"make them agree")
@@ -77,8 +79,6 @@ def build_ds_config(cfg: Config) -> dict:
     })
     ds.pop("train_batch_size", None)  # DeepSpeed derives it; its "data parallel" size here is DP x SP
     zero = ds.setdefault("zero_optimization", {})
-    if not isinstance(zero, dict):
-        raise ValueError(f"train.ds_config: zero_optimization must be a JSON object, got {zero!r}")
     zero.setdefault("stage", t.zero_stage)
     if zero["stage"] == 3 and cfg.parallel.sequence_parallel > 1 and zero.get("reduce_scatter", True) is False:
         # ZeRO-3 then averages a gradient over DP only or over DP x SP depending on the parameter's size (the

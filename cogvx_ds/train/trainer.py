@@ -80,9 +80,9 @@ def _zero_kind(stage) -> str:
     return {0: "0", 3: "3"}.get(stage, "1-2")
 
 
-def build_engine(cfg: Config, ds_config: dict, resuming: bool = False):
+def build_engine(cfg: Config, ds_config: dict, resuming: bool = False, init: tuple[str, Path] | None = None):
     """The DeepSpeed engine around the transformer (weights from train.init_from or a seeded init; see
-    `init_weights` for `resuming`)."""
+    `init_weights` for `resuming` and `init`)."""
     import deepspeed
 
     from cogvx_ds.models import CogVideoXTransformer
@@ -94,7 +94,7 @@ def build_engine(cfg: Config, ds_config: dict, resuming: bool = False):
     with deepspeed.zero.Init(data_parallel_group=state.dp_sp_group(), mpu=mpu, config_dict_or_path=ds_config,
                              enabled=zero3):
         model = CogVideoXTransformer(cfg.model)
-    init_weights(model, cfg, resuming)
+    init_weights(model, cfg, resuming, init)
     if zero3:
         # Gather each expert block's parameters as one unit: ZeRO-3 then hooks the blocks, not every linear and
         # norm inside them (one all-gather per block, and far less Python per step: the demo's HQ stage, SP=2,
@@ -148,9 +148,10 @@ def init_source(src: str) -> tuple[str, Path]:
         raise FileNotFoundError(f"train.init_from: {e}") from None
 
 
-def init_weights(model, cfg: Config, resuming: bool = False) -> None:
+def init_weights(model, cfg: Config, resuming: bool = False, init: tuple[str, Path] | None = None) -> None:
     """Weights from train.init_from, or a seeded init; a resumed run takes the seeded init (its checkpoint then
-    overwrites every weight: the previous stage need not be there any more)."""
+    overwrites every weight: the previous stage need not be there any more). `init`: train.init_from as
+    `init_source` resolved and checked it already (the trainer does before any process group starts)."""
     src = cfg.train.init_from
     if not src or resuming:
         model.init_weights(cfg.model.seed)
@@ -159,12 +160,13 @@ def init_weights(model, cfg: Config, resuming: bool = False) -> None:
     from cogvx_ds.checkpoint.layout import load_full_state_dict
     from cogvx_ds.checkpoint.sat import read_sat_file, sat_to_diffusers
 
-    kind, path = init_source(src)
+    kind, path = init or init_source(src)
     if kind == "sat":
         source = sat_to_diffusers(read_sat_file(path, cfg.train.allow_unsafe_pickle))
         name = f"SAT checkpoint {path}"
     else:
-        _check_same_maths(path, cfg.model)
+        if init is None:
+            _check_same_maths(path, cfg.model)
         source, name = LazySafetensors(path), str(path)
     load_full_state_dict(model, source, source_name=name)
 
@@ -209,11 +211,11 @@ class Trainer:
         # Input errors fail here, before any process group starts.
         self.shards = resolve_shards(cfg.data.shards)
         self.ds_config = build_ds_config(cfg)
-        resuming = (self.ckpt_dir / "latest").is_file()
-        if cfg.train.init_from and not resuming:  # (a resume takes every weight from its checkpoint)
-            kind, path = init_source(cfg.train.init_from)
-            if kind == "diffusers":
-                _check_same_maths(path, cfg.model)
+        self.init = None  # train.init_from, resolved (a resume takes every weight from its checkpoint)
+        if cfg.train.init_from and not (self.ckpt_dir / "latest").is_file():
+            self.init = init_source(cfg.train.init_from)
+            if self.init[0] == "diffusers":
+                _check_same_maths(self.init[1], cfg.model)
         init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.sequence_parallel, cfg.parallel.backend,
                          cfg.parallel.timeout_minutes)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -234,7 +236,8 @@ class Trainer:
         self._check_data_fits_model()
         if self.is_main and self.plan.mix_note():
             print(f"note: {self.plan.mix_note()}", file=sys.stderr, flush=True)
-        self.engine, self.model = build_engine(cfg, self.ds_config, resuming=self.resume_from is not None)
+        self.engine, self.model = build_engine(cfg, self.ds_config, resuming=self.resume_from is not None,
+                                               init=self.init)
         from cogvx_ds.train.ema import EMA
 
         self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
@@ -685,8 +688,8 @@ def _remove_if_older(path: Path, than: float) -> None:
     """Delete `path` if it was last written before time `than` (a marker of an earlier job, not of this one)."""
     try:
         if path.stat().st_mtime < than:
-            path.unlink(missing_ok=True)
-    except FileNotFoundError:
+            path.unlink()
+    except FileNotFoundError:  # none, or removed meanwhile
         pass
 
 
