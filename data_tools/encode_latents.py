@@ -601,9 +601,10 @@ def run(args) -> dict:
     out = Path(args.out)
     if args.finalize:
         return {"index": str(finalize(out))}
+    # before anything is created, the inputs read (minutes at 10M) or the plan (which records them) written
+    _check_model_paths(args)
     out.mkdir(parents=True, exist_ok=True)
     rank, world = detect_rank(args.rank, args.world_size)
-    _check_model_paths(args)  # before the inputs are read (minutes at 10M) and the plan (which records them) written
     per_shard = max(1, args.samples_per_shard // max(args.clips_per_video, 1))
     count, inputs_sha256, items = read_inputs(args.input, args.prompts, per_shard, rank, world,
                                               progress=not args.no_progress)
