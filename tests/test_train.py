@@ -531,3 +531,51 @@ def test_a_rolled_back_run_rewrites_later_checkpoints_whole_and_names_the_old_mi
     assert (ckpt / "latest").read_text() == "step00000004"
     assert not (ckpt / "step00000004" / "ema_rank00000.safetensors").exists()
     assert "ema_rank00000.safetensors" not in json.loads((ckpt / "step00000004" / "trainer_state.json").read_text())["files"]
+
+
+_BATCH = {"meta": [{"bucket": "1x4x4"}], "keys": ["k0"]}
+
+
+def _skip_counter(tmp_path, dynamic_loss_scale: bool, limit: int = 3):
+    """Trainer._skipped on a stand-in trainer, in a one-process gloo group (it all-reduces whether any rank's loss
+    was non-finite)."""
+    import types
+
+    import torch.distributed as dist
+
+    from cogvx_ds.train.trainer import Trainer
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    fake = types.SimpleNamespace(nonfinite_total=0, nonfinite_in_a_row=0, dynamic_loss_scale=dynamic_loss_scale,
+                                 rank=0, cfg=types.SimpleNamespace(train=types.SimpleNamespace(
+                                     max_consecutive_nonfinite=limit)))
+    return fake, (lambda step, bad: Trainer._skipped(fake, step, bad, _BATCH))
+
+
+def test_fp16_loss_scale_overflows_do_not_abort_but_nonfinite_losses_do(tmp_path):
+    """Under fp16's dynamic loss scale, the steps DeepSpeed skips while it lowers the scale (finite losses on every
+    rank) are counted but never abort the run, however many in a row; a non-finite loss still aborts after
+    train.max_consecutive_nonfinite. Without a dynamic scale (bf16, fp32) a skip with finite losses is a
+    non-finite gradient and counts towards the limit."""
+    import torch.distributed as dist
+
+    try:
+        fake, skipped = _skip_counter(tmp_path, dynamic_loss_scale=True)
+        for step in range(10):  # a long loss-scale warm-up
+            skipped(step, None)
+        assert fake.nonfinite_total == 10 and fake.nonfinite_in_a_row == 0
+        nan = (torch.tensor(float("nan")), _BATCH)
+        skipped(10, nan)
+        skipped(11, None)  # an overflow between two NaN losses neither counts nor resets the run of NaN losses
+        skipped(12, nan)
+        with pytest.raises(FloatingPointError, match=r"3 non-finite steps in a row.*step 14, rank 0 \(local loss nan\)"):
+            skipped(13, nan)
+        fake, skipped = _skip_counter(tmp_path, dynamic_loss_scale=False)
+        skipped(0, None)
+        skipped(1, None)
+        with pytest.raises(FloatingPointError, match="finite losses everywhere, non-finite gradient"):
+            skipped(2, None)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

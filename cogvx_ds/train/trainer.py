@@ -243,6 +243,10 @@ class Trainer:
         self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+        # fp16 with a dynamic loss scale: DeepSpeed skips a step whose scaled gradients overflow and halves the
+        # scale (the first steps of a run do this several times in a row), and stops the run itself once the
+        # scale is at min_loss_scale; such skips are not counted towards train.max_consecutive_nonfinite
+        self.dynamic_loss_scale = bool(self.engine.fp16_enabled() and self.engine.dynamic_loss_scale())
         self.empty_text = None
 
     # ---------------------------------------------------------------------------------------------- one step
@@ -401,7 +405,7 @@ class Trainer:
                     if self.ema is not None:
                         self.ema.update()
                 else:
-                    self._count_nonfinite(step, bad_loss, batch)
+                    self._skipped(step, bad_loss, batch)
                 # loss shares summed over SP (and replicated over TP) -> per-sample losses of the global batch
                 losses, timesteps = state.all_reduce_host(losses), state.all_reduce_host(timesteps)
                 losses, timesteps = losses / tp, timesteps / (tp * state.sp_size())
@@ -417,6 +421,7 @@ class Trainer:
                     "samples_per_s": self.global_batch / dt, "tokens_per_s": tokens * state.dp_size() / dt,
                     **self._throughput(flops * state.dp_size() / self.world / dt),
                     "nonfinite_skipped": self.nonfinite_total, "bad_shards": len(self.plan.bad_shards),
+                    **self._loss_scale(),
                     "data_position": loader.position, "data_wait_s": data_wait,
                     **({"profiled": 1} if profiler.profiling(step) else {}),
                     **bucket_losses(sums, counts, self.schedule.num_train_timesteps), **_memory(),
@@ -453,15 +458,23 @@ class Trainer:
         logger.close()
         return 0
 
-    def _count_nonfinite(self, step, bad_loss, batch) -> None:
-        """A skipped step (non-finite loss or gradient): count it; K in a row abort, naming what went wrong."""
+    def _loss_scale(self) -> dict:
+        """fp16's current dynamic loss scale, for the metrics (ZeRO's optimizers expose it as `loss_scale`)."""
+        scale = getattr(self.engine.optimizer, "loss_scale", None) if self.dynamic_loss_scale else None
+        return {} if scale is None else {"loss_scale": float(scale)}
+
+    def _skipped(self, step, bad_loss, batch) -> None:
+        """DeepSpeed skipped this step (non-finite loss or gradient on some rank; every rank gets here). Count it;
+        K in a row abort, naming what went wrong. Under fp16's dynamic loss scale a skip with finite losses on every
+        rank is a loss-scale overflow, which the scaler handles (it lowers the scale, and DeepSpeed stops the run
+        when the scale cannot go lower): counted in nonfinite_skipped, not in a row."""
         self.nonfinite_total += 1
+        any_bad = state.all_reduce_host(torch.tensor([float(bad_loss is not None)]), op=dist.ReduceOp.MAX)
+        if self.dynamic_loss_scale and not any_bad.item():
+            return
         self.nonfinite_in_a_row += 1
         if self.nonfinite_in_a_row >= self.cfg.train.max_consecutive_nonfinite:
             loss, batch = bad_loss if bad_loss is not None else (None, batch)
-            any_bad = torch.tensor([float(loss is not None)])
-            # every rank gets here: the skip is collective
-            any_bad = state.all_reduce_host(any_bad, op=dist.ReduceOp.MAX)
             what = (f"rank {self.rank} (local loss {loss.item()})" if loss is not None else
                     f"rank {self.rank} (finite loss; a non-finite loss on another rank)" if any_bad.item() else
                     f"rank {self.rank} (finite losses everywhere, non-finite gradient)")
