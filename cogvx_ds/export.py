@@ -140,7 +140,7 @@ def write_pipeline_parts(out: Path, diffusion: DiffusionConfig, vae: Path, text_
 
     check_pipeline_inputs(vae, text_encoder)
     out.mkdir(parents=True, exist_ok=True)
-    vae_model = CogVideoXVAE.from_diffusers(vae)
+    vae_model = CogVideoXVAE.from_diffusers(vae, dtype=None)  # written back in the dtype it came in
     if latent_scale is not None:
         vae_model.config.scaling_factor = float(latent_scale)
     vae_model.save_diffusers(out / "vae")

@@ -1,5 +1,6 @@
 """3D causal VAE: parity with diffusers' AutoencoderKLCogVideoX (the oracle), causality, chunking, tiling, I/O."""
 
+import copy
 import json
 
 import pytest
@@ -164,20 +165,49 @@ def test_causality_per_frame_conv_path(vae_pair, monkeypatch):
 
 @torch.no_grad()
 def test_tiling_parity(vae_pair):
+    """Tiles of 48x40 pixels with diffusers' default overlaps step by whole latents (40 and 32 pixels), where
+    diffusers' tiling is consistent: same layout and blend, same result."""
     ref, ours, _ = vae_pair
-    x = video(17, b=1, h=48, w=64)
-    ref.enable_tiling(tile_sample_min_height=24, tile_sample_min_width=32)
-    ours.enable_tiling(tile_sample_min_height=24, tile_sample_min_width=32)
+    x = video(9, b=1, h=96, w=80)
+    ref.enable_tiling(tile_sample_min_height=48, tile_sample_min_width=40)
+    ours.enable_tiling(tile_sample_min_height=48, tile_sample_min_width=40)
     try:
         mean_ref = ref.encode(x).latent_dist.mean
         mean, _ = ours.encode(x)
+        assert mean.shape == (1, TINY["latent_channels"], 3, 12, 10)
         assert rel_err(mean, mean_ref) < 1e-4
         recon_ref = ref.decode(mean_ref).sample
         recon = ours.decode(mean_ref)
-        assert recon.shape == recon_ref.shape and rel_err(recon, recon_ref) < 1e-4
+        assert recon.shape == recon_ref.shape == x.shape and rel_err(recon, recon_ref) < 1e-4
     finally:
         ref.disable_tiling()
         ours.use_tiling = False
+
+
+@pytest.mark.parametrize("tile,size", [((16, 16), (48, 48)), ((16, 16), (64, 64)), ((16, 16), (40, 56)),
+                                       ((24, 32), (48, 64)), ((8, 8), (24, 32))])
+@torch.no_grad()
+def test_tiling_keeps_the_size_for_any_tile(vae_pair, tile, size):
+    """Tiles whose pixel step is not whole latents (16-pixel tiles step 13 pixels in diffusers): diffusers encodes
+    48x48 to 7x7 latents (and fails at 64x64); ours steps whole latents, so tiled encode/decode give the untiled
+    sizes, and the tiles blend into a result that follows the untiled one."""
+    _, ours, _ = vae_pair
+    x = video(9, b=1, h=size[0], w=size[1])
+    mean, _ = ours.encode(x)
+    recon = ours.decode(mean)
+    ours.enable_tiling(tile_sample_min_height=tile[0], tile_sample_min_width=tile[1])
+    try:
+        mean_t, _ = ours.encode(x)
+        recon_t = ours.decode(mean)
+    finally:
+        ours.use_tiling = False
+    assert mean_t.shape == mean.shape and recon_t.shape == recon.shape == x.shape
+    assert torch.isfinite(mean_t).all() and torch.isfinite(recon_t).all()
+    # the same signal, tile by tile (a tile shifted by one latent would correlate ~0 on this random input); seams
+    # differ: the tiny tiles are smaller than the random VAE's receptive field
+    corr = [torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+            for a, b in ((mean_t, mean), (recon_t, recon))]
+    assert corr[0] > 0.25 and corr[1] > 0.5, corr
 
 
 @torch.no_grad()
@@ -209,6 +239,21 @@ def test_save_diffusers_round_trip(vae_pair, tmp_path):
     again = CogVideoXVAE.from_diffusers(tmp_path)
     for k, v in ours.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
+
+
+@torch.no_grad()
+def test_half_precision_files_load_as_float32(vae_pair, tmp_path):
+    """A VAE saved in bfloat16 (as released checkpoints may be) loads in float32 by default, like diffusers'
+    from_pretrained: the VAE trainer's fp32 optimizer and discriminator, decode_latents and sample expect it.
+    dtype=None keeps the files' dtype (export writes the VAE back as it came)."""
+    _, ours, _ = vae_pair
+    copy.deepcopy(ours).to(torch.bfloat16).save_diffusers(tmp_path)  # the fixture's weights stay float32
+    loaded = CogVideoXVAE.from_diffusers(tmp_path)
+    assert loaded.dtype == torch.float32
+    assert diffusers.AutoencoderKLCogVideoX.from_pretrained(tmp_path).dtype == torch.float32
+    assert CogVideoXVAE.from_diffusers(tmp_path, dtype=None).dtype == torch.bfloat16
+    x = video(5, b=1)
+    assert loaded.encode(x)[0].dtype == torch.float32
 
 
 def test_chunk_bounds_follow_diffusers():
@@ -246,3 +291,17 @@ def test_contract_import():
 def test_default_config_is_the_released_architecture():
     cfg = CogVideoXVAEConfig()
     assert cfg.spatial_ratio == 8 and cfg.temporal_ratio == 4 and cfg.latent_channels == 16
+
+
+@torch.no_grad()
+def test_temporal_ratio_one_encodes_any_frame_count():
+    """temporal_compression_ratio=1 (the config accepts it) takes every T: the 4k+1 check was `T % r == 1`, which
+    is never true for r=1, so every clip longer than one frame was refused."""
+    vae = CogVideoXVAE(block_out_channels=(8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=4,
+                       temporal_compression_ratio=1).eval()
+    vae.set_chunking(None, None)
+    mean, _ = vae.encode(video(3, b=1))
+    assert mean.shape == (1, 4, 3, H // 2, W // 2)
+    with pytest.raises(ValueError, match="T = 2k\\+1"):
+        CogVideoXVAE(block_out_channels=(8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=4,
+                     temporal_compression_ratio=2).encode(video(4, b=1))

@@ -221,9 +221,7 @@ class CogVideoXVAE(nn.Module):
     def _encode_one(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         if self.use_tiling and (h > self.tile_sample_min_height or w > self.tile_sample_min_width):
-            tile = (self.tile_sample_min_height, self.tile_sample_min_width)
-            r = self.config.spatial_ratio
-            return self._tiled(x, self.encoder, self.sample_frames_per_chunk, tile, (tile[0] // r, tile[1] // r))
+            return self._tiled(x, self.encoder, self.sample_frames_per_chunk, encode=True)
         return self._chunked(self.encoder, x, self.sample_frames_per_chunk)
 
     # ----------------------------------------------------------------------------------------------- decode
@@ -243,8 +241,7 @@ class CogVideoXVAE(nn.Module):
         r = self.config.spatial_ratio
         tile = (self.tile_sample_min_height // r, self.tile_sample_min_width // r)
         if self.use_tiling and (z.shape[-2] > tile[0] or z.shape[-1] > tile[1]):
-            out_tile = (self.tile_sample_min_height, self.tile_sample_min_width)
-            return self._tiled(z, self.decoder, self.latent_frames_per_chunk, tile, out_tile)
+            return self._tiled(z, self.decoder, self.latent_frames_per_chunk, encode=False)
         return self._chunked(self.decoder, z, self.latent_frames_per_chunk)
 
     def forward(self, video: torch.Tensor, sample_posterior: bool = True,
@@ -284,19 +281,29 @@ class CogVideoXVAE(nn.Module):
                 break
 
     # ----------------------------------------------------------------------------------------------- tiling
-    def _tiled(self, x: torch.Tensor, module: nn.Module, chunk: int | None, tile: tuple[int, int],
-               out_tile: tuple[int, int]) -> torch.Tensor:
-        """Run `module` on overlapping spatial tiles (each chunked in time) and cross-fade the overlaps.
+    def _tiled(self, x: torch.Tensor, module: nn.Module, chunk: int | None, encode: bool) -> torch.Tensor:
+        """Run `module` (the encoder or the decoder) on overlapping spatial tiles (each chunked in time) and
+        cross-fade the overlaps.
 
-        tile / out_tile: tile size at the input / output resolution. The tile layout and linear blend follow
-        diffusers' tiled_encode/tiled_decode so results match it.
+        The tiles and their steps are whole latents (tile_sample_min_* // spatial ratio; step = tile x (1 -
+        overlap factor), rounded down, at least 1), so every tile's output lines up with the input and the result
+        has the untiled size for any tile size and input size. diffusers' tiled_encode/tiled_decode step in pixels
+        and crop in latents; where the two agree (the released 240x360 tiles, or any tile whose step is whole
+        latents) this is their layout and linear blend, and results match theirs; elsewhere theirs has the wrong
+        size (7 latents for 48 pixels with 16-pixel tiles) or fails.
         """
+        r = self.config.spatial_ratio
         factors = (self.tile_overlap_factor_height, self.tile_overlap_factor_width)
-        strides = [int(t * (1 - f)) for t, f in zip(tile, factors)]
-        blends = [int(t * f) for t, f in zip(out_tile, factors)]
-        limits = [t - b for t, b in zip(out_tile, blends)]
+        tiles = (self.tile_sample_min_height // r, self.tile_sample_min_width // r)  # in latents
+        if min(tiles) < 1:
+            raise ValueError(f"tiling: tiles of {self.tile_sample_min_height}x{self.tile_sample_min_width} pixels "
+                             f"are smaller than one latent ({r}x{r} pixels)")
+        steps = [max(1, int(t * (1 - f))) for t, f in zip(tiles, factors)]
+        into, out = (r, 1) if encode else (1, r)  # input / output units per latent
+        tile, stride = [t * into for t in tiles], [s * into for s in steps]
+        limits, blends = [s * out for s in steps], [(t - s) * out for t, s in zip(tiles, steps)]
         grid = [[self._chunked(module, x[..., i:i + tile[0], j:j + tile[1]], chunk)
-                 for j in range(0, x.shape[-1], strides[1])] for i in range(0, x.shape[-2], strides[0])]
+                 for j in range(0, x.shape[-1], stride[1])] for i in range(0, x.shape[-2], stride[0])]
         rows = []
         for i, row in enumerate(grid):
             for j, t in enumerate(row):
@@ -306,7 +313,11 @@ class CogVideoXVAE(nn.Module):
                     t = _blend(row[j - 1], t, blends[1], dim=4)
                 row[j] = t  # later neighbours blend with the blended tile, as the reference does
             rows.append(torch.cat([t[..., :limits[0], :limits[1]] for t in row], dim=4))
-        return torch.cat(rows, dim=3)
+        result = torch.cat(rows, dim=3)
+        expected = [n // r if encode else n * r for n in x.shape[-2:]]
+        if list(result.shape[-2:]) != expected:  # cannot happen with whole-latent steps; never write a wrong size
+            raise RuntimeError(f"tiling produced {tuple(result.shape[-2:])}, expected {tuple(expected)}")
+        return result
 
     # ----------------------------------------------------------------------------------------------- helpers
     @property
@@ -318,7 +329,7 @@ class CogVideoXVAE(nn.Module):
         if video.dim() != 5 or video.shape[1] != c:
             raise ValueError(f"encode expects video [B, {c}, T, H, W], got {tuple(video.shape)}")
         t, h, w = video.shape[2:]
-        if t != 1 and t % r != 1:
+        if t != 1 and (t - 1) % r:
             raise ValueError(f"encode expects T = {r}k+1 frames (1, {r + 1}, {2 * r + 1}, ...), got T={t}")
         if h % s or w % s:
             raise ValueError(f"encode expects H and W divisible by {s}, got {h}x{w}")
@@ -326,8 +337,11 @@ class CogVideoXVAE(nn.Module):
     # ----------------------------------------------------------------------------------------------- diffusers io
     @classmethod
     def from_diffusers(cls, path: str | Path, subfolder: str | None = None,
-                       dtype: torch.dtype | None = None) -> CogVideoXVAE:
-        """Load a diffusers-format directory (config.json + one or sharded *.safetensors)."""
+                       dtype: torch.dtype | None = torch.float32) -> CogVideoXVAE:
+        """Load a diffusers-format directory (config.json + one or sharded *.safetensors), in `dtype`: float32 by
+        default, as diffusers' from_pretrained does (half-precision files would otherwise give a half-precision
+        model: trained with an fp32 optimizer config, or run against the fp32 discriminator); None keeps the
+        files' dtype."""
         path = Path(path) / subfolder if subfolder else Path(path)
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
