@@ -26,6 +26,14 @@ def _resolve(model: Path, sub: str, given: str | None) -> Path | None:
     return None
 
 
+# diffusers' CogVideoXDDIMScheduler / CogVideoXDPMScheduler: their defaults for the keys the schedule depends on
+# (the same in both), which a scheduler_config.json that leaves a key out gets in the pipeline
+SCHEDULER_CLASSES = ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")
+SCHEDULER_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                      "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "rescale_betas_zero_snr": False,
+                      "snr_shift_scale": 3.0}
+
+
 def training_settings(model: str | Path):
     """(latent scale, NoiseSchedule) the model was trained with, or None where the folder does not say.
 
@@ -47,12 +55,16 @@ def training_settings(model: str | Path):
                               root.parent / "scheduler" / "scheduler_config.json") if p.is_file()), None)
     if sched is not None:
         c = json.loads(sched.read_text())
-        if c.get("prediction_type", "v_prediction") != "v_prediction":
+        if c.get("_class_name") not in SCHEDULER_CLASSES:
+            raise ValueError(f"{sched}: _class_name {c.get('_class_name')!r}; expected one of {SCHEDULER_CLASSES} "
+                             "(the zero-terminal-SNR, SNR-shifted schedule this sampler implements)")
+        c = {**SCHEDULER_DEFAULTS, **c}  # a key left out means diffusers' default, as the pipeline reads it
+        if c["prediction_type"] != "v_prediction":
             raise ValueError(f"{sched}: prediction_type {c['prediction_type']!r}; only v_prediction is implemented")
         schedule = NoiseSchedule.cogvideox(
-            num_train_timesteps=c.get("num_train_timesteps", 1000), beta_start=c.get("beta_start", 0.00085),
-            beta_end=c.get("beta_end", 0.012), snr_shift_scale=c.get("snr_shift_scale", 3.0),
-            zero_terminal_snr=c.get("rescale_betas_zero_snr", True), beta_schedule=c.get("beta_schedule", "scaled_linear"))
+            num_train_timesteps=c["num_train_timesteps"], beta_start=c["beta_start"], beta_end=c["beta_end"],
+            snr_shift_scale=c["snr_shift_scale"], zero_terminal_snr=c["rescale_betas_zero_snr"],
+            beta_schedule=c["beta_schedule"])
         return None, schedule
     return None, None
 

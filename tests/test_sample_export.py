@@ -301,3 +301,27 @@ def test_export_of_a_full_t5_checkpoint_writes_its_encoder_only(run_dir, tmp_pat
     assert embeds.shape == (1, 8, config.d_model)
     assert type(pipe.tokenizer).__name__ == cls == "ByT5Tokenizer"  # not T5Tokenizer's unknown tokens
     assert pipe.tokenizer("a cat").input_ids == AutoTokenizer.from_pretrained(run_dir / "t5")("a cat").input_ids
+
+
+def test_a_partial_scheduler_config_reads_as_diffusers_reads_it(tmp_path):
+    """A hand-written scheduler_config.json that leaves keys out gets diffusers' defaults for them (no zero-SNR
+    rescale, SNR shift 3), as CogVideoXPipeline reads it; another scheduler class is refused."""
+    from diffusers import CogVideoXDDIMScheduler
+
+    from cogvx_ds.sample import training_settings
+
+    folder = tmp_path / "pipe" / "scheduler"
+    folder.mkdir(parents=True)
+    config = {"_class_name": "CogVideoXDDIMScheduler", "prediction_type": "v_prediction", "snr_shift_scale": 1.0,
+              "timestep_spacing": "trailing"}
+    (folder / "scheduler_config.json").write_text(json.dumps(config))
+    _, schedule = training_settings(tmp_path / "pipe")
+    want = CogVideoXDDIMScheduler.from_config(config).alphas_cumprod.double()
+    assert want[-1] > 0  # no zero-terminal-SNR rescale by default
+    torch.testing.assert_close(schedule.alphas_cumprod.double(), want, rtol=1e-6, atol=1e-9)
+    (folder / "scheduler_config.json").write_text(json.dumps({**config, "_class_name": "DDIMScheduler"}))
+    with pytest.raises(ValueError, match="_class_name 'DDIMScheduler'"):
+        training_settings(tmp_path / "pipe")
+    (folder / "scheduler_config.json").write_text(json.dumps({"_class_name": "CogVideoXDPMScheduler"}))
+    with pytest.raises(ValueError, match="prediction_type 'epsilon'"):  # diffusers' default
+        training_settings(tmp_path / "pipe")
