@@ -42,6 +42,11 @@ def build_config(config_file: str | None, overrides: list[str]) -> VAETrainConfi
         loaded = yaml.safe_load(Path(config_file).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{config_file}: expected a mapping of config fields at the top level")
+        if "model" in loaded:  # over the default model, as model.* overrides are (not a model of only these fields)
+            if not isinstance(loaded["model"], dict):
+                raise ValueError(f"{config_file}: model: expected a mapping of CogVideoXVAEConfig fields, got "
+                                 f"{loaded['model']!r}")
+            loaded["model"] = {**VAETrainConfig().model, **loaded["model"]}
         values.update(loaded)
     for item in overrides:
         if "=" not in item:
@@ -105,7 +110,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.export_only:
         if not trainer.resume():
             sys.exit(f"{cfg.run_dir}/checkpoints/latest: no checkpoint to export")
-        trainer.export(Path(cfg.run_dir) / "export")
+        if trainer.rank == 0:  # every rank holds the whole VAE; one writes it
+            trainer.export(Path(cfg.run_dir) / "export")
+        import torch.distributed as dist
+
+        dist.barrier()
     else:
         trainer.train()
     import torch.distributed as dist

@@ -119,6 +119,25 @@ def test_sigkill_and_resume_continue_the_same_curve(runs):
     assert (resumed_run / "export" / "config.json").is_file()
 
 
+@pytest.mark.slow
+def test_export_only_writes_the_checkpoints_vae(runs, lpips_dir, tmp_path):
+    """--export-only on a copy of the resumed run (its last checkpoint is its last step) writes the export that the
+    end of training wrote: the same weights and scaling factor."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    resumed_run = runs[1]
+    copy = tmp_path / "run"
+    shutil.copytree(resumed_run, copy, ignore=shutil.ignore_patterns("export"))
+    finish(start(cli(copy, lpips_dir, RESUME_TO, "--export-only")))
+    got, want = copy / "export", resumed_run / "export"
+    assert (json.loads((got / "config.json").read_text())["scaling_factor"]
+            == json.loads((want / "config.json").read_text())["scaling_factor"])
+    a, b = (load_file(str(d / "diffusion_pytorch_model.safetensors")) for d in (got, want))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_cli_help_and_config_errors(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
@@ -196,6 +215,19 @@ def test_video_file_stream_reads_windows_of_real_files_and_skips_broken_ones(tmp
         VideoFileStream(str(tmp_path / "empty"), 1, 9, 16, 16)
     with pytest.raises(ValueError, match="data: .* does not exist"):
         build_config(None, [f"data={tmp_path / 'missing.txt'}"]).validate()
+
+
+def test_a_yaml_model_section_goes_over_the_default_model(tmp_path):
+    """`model:` in a YAML file changes the fields it names, like model.* overrides: a file saying only
+    latent_channels: 16 built a 216M-parameter VAE from CogVideoXVAEConfig's defaults instead of the tiny one."""
+    from cogvx_ds.train.vae_trainer import TINY_VAE
+
+    (tmp_path / "c.yaml").write_text("model:\n  latent_channels: 16\n")
+    cfg = build_config(str(tmp_path / "c.yaml"), ["model.layers_per_block=2"])
+    assert cfg.model == {**TINY_VAE, "latent_channels": 16, "layers_per_block": 2}
+    (tmp_path / "bad.yaml").write_text("model: 3\n")
+    with pytest.raises(ValueError, match="model: expected a mapping"):
+        build_config(str(tmp_path / "bad.yaml"), [])
 
 
 def test_unknown_model_fields_are_refused():
