@@ -43,7 +43,8 @@ class Bucket:
 
 
 def parse_buckets(spec: str | Sequence[str], temporal_ratio: int = 4, spatial_ratio: int = 8) -> list[Bucket]:
-    """'480x720x49,256x256x17' (or a list of such strings) -> buckets; frames must be 4k+1, sides multiples of 8."""
+    """'480x720x49,256x256x17' (or a list of such strings) -> buckets; frames must be 1 or 8j+1 (an odd number of
+    latents), sides multiples of 8."""
     items = spec.split(",") if isinstance(spec, str) else [s for part in spec for s in str(part).split(",")]
     buckets = []
     for item in (s.strip() for s in items if s.strip()):
@@ -53,8 +54,15 @@ def parse_buckets(spec: str | Sequence[str], temporal_ratio: int = 4, spatial_ra
             raise ValueError(f"--buckets: {item!r} is not HEIGHTxWIDTHxFRAMES (e.g. 480x720x49)") from None
         if h <= 0 or w <= 0 or h % spatial_ratio or w % spatial_ratio:
             raise ValueError(f"--buckets: {item!r}: height and width must be positive multiples of {spatial_ratio}")
-        if f < 1 or (f - 1) % temporal_ratio:
-            raise ValueError(f"--buckets: {item!r}: frames must be {temporal_ratio}k+1 (1, 5, 9, ..., 49)")
+        if f < 1 or (f - 1) % (2 * temporal_ratio):
+            rule = f"frames must be 1 or {2 * temporal_ratio}j+1 ({2 * temporal_ratio + 1}, {4 * temporal_ratio + 1}, ..., 49)"
+            if f > 1 and (f - 1) % temporal_ratio == 0:
+                # 4k+1 frames encode to k+1 latents; an even count (5 -> 2, 13 -> 4) decodes to 4(k+1) frames, and
+                # the sampler and the README's rule take odd counts only
+                latents = (f - 1) // temporal_ratio + 1
+                rule += f": an odd number of latents ({f} frames would give {latents} latents, decoded as " \
+                        f"{temporal_ratio * latents} frames)"
+            raise ValueError(f"--buckets: {item!r}: {rule}")
         buckets.append(Bucket(h, w, f))
     if not buckets:
         raise ValueError("--buckets: no bucket given (expected e.g. 480x720x49,256x256x17)")

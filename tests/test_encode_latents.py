@@ -106,7 +106,8 @@ def vae(vae_dir):
 def test_bucket_parsing_and_choice():
     buckets = parse_buckets(BUCKETS)
     assert buckets == [Bucket(32, 64, 9), Bucket(48, 48, 9), Bucket(32, 32, 17)]
-    for bad, msg in (("32x64", "HEIGHTxWIDTHxFRAMES"), ("30x64x9", "multiples of 8"), ("32x64x8", "4k\\+1")):
+    for bad, msg in (("32x64", "HEIGHTxWIDTHxFRAMES"), ("30x64x9", "multiples of 8"), ("32x64x8", "8j\\+1"),
+                     ("32x64x13", "13 frames would give 4 latents, decoded as 16 frames")):
         with pytest.raises(ValueError, match=msg):
             parse_buckets(bad)
     # nearest aspect among buckets with enough frames; ties: more frames, then more pixels
