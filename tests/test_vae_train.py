@@ -217,6 +217,51 @@ def test_video_file_stream_reads_windows_of_real_files_and_skips_broken_ones(tmp
         build_config(None, [f"data={tmp_path / 'missing.txt'}"]).validate()
 
 
+def test_video_file_stream_resumes_exactly_past_files_that_fail_after_the_window_is_drawn(tmp_path, monkeypatch):
+    """A decoder that asks for the window more than once before failing (decord, then PyAV, then PyAV's retry of a
+    truncated file), or that asks again on a good file, must not shift later draws: a resumed stream, which has not
+    seen the earlier failures, gives the same samples as the uninterrupted one (it drew again for the failed file
+    only when the failure happened in its own process). Same with the cache."""
+    from types import SimpleNamespace
+
+    import data_tools.video_decode as vd
+    from cogvx_ds.train.vae_data import VideoFileStream
+
+    names = ["good0.mp4", "good1.mp4", "fails.mp4", "asks_twice.mp4"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"stub")
+    (tmp_path / "videos.txt").write_text("\n".join(names) + "\n")
+
+    def read_clips(path, choose, transform=None):  # stands in for the real decoders
+        info = SimpleNamespace(num_frames=30 + len(path.name), fps=8.0)
+        plans = choose(info)
+        if path.name == "fails.mp4":
+            choose(info)  # a fallback reader tried again
+            raise vd.BadInput("decode_error", "stub")
+        if path.name == "asks_twice.mp4":
+            plans = choose(info)
+        code = names.index(path.name)
+        frames = torch.stack([torch.full((3, 4, 4), 10 * code + i, dtype=torch.uint8) for i in plans[0].indices])
+        return None, None, [frames], None
+
+    monkeypatch.setattr(vd, "read_clips", read_clips)
+
+    def stream(cache, position=0):
+        return VideoFileStream(str(tmp_path / "videos.txt"), batch_size=2, num_frames=5, height=4, width=4, seed=7,
+                               position=position, cache_mb=cache)
+
+    runs = {}
+    for cache in (0.0, 1.0):
+        full = stream(cache)
+        runs[cache] = batches = [full.next_batch() for _ in range(20)]
+        assert str(tmp_path / "fails.mp4") in full.skipped
+        for at in (6, 10, 16):
+            resumed = stream(cache, position=2 * at)
+            for i in range(at, 20):
+                assert torch.equal(resumed.next_batch(), batches[i]), (cache, at, i)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0.0], runs[1.0]))
+
+
 def test_a_yaml_model_section_goes_over_the_default_model(tmp_path):
     """`model:` in a YAML file changes the fields it names, like model.* overrides: a file saying only
     latent_channels: 16 built a 216M-parameter VAE from CogVideoXVAEConfig's defaults instead of the tiny one."""

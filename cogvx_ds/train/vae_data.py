@@ -137,16 +137,22 @@ class VideoFileStream:
         rng = np.random.default_rng([self.seed, index])
         bucket, n = Bucket(self.height, self.width, self.num_frames), self.num_frames
 
-        def window(info):  # n consecutive frames at a random start
-            if info.num_frames < n:
-                raise BadInput("too_few_frames", f"{info.num_frames} frames, need {n}")
-            start = int(rng.integers(info.num_frames - n + 1))
-            return [ClipPlan(bucket, tuple(range(start, start + n)), info.fps, start / info.fps, (start + n) / info.fps)]
-
         for _ in range(100):
-            path = self.files[int(rng.integers(len(self.files)))]
+            # Two draws per attempt, whatever happens next: the window start is a fraction of the room the file
+            # has, so a decoder that asks for the window again (a fallback reader, a truncated file's retry), a file
+            # skipped earlier in this process, or the cache, never shifts the draws of later attempts (resumed runs
+            # know nothing of this process's skips and must draw the same).
+            path, u = self.files[int(rng.integers(len(self.files)))], rng.random()
             if str(path) in self.skipped:
                 continue
+
+            def window(info, u=u):  # n consecutive frames at a random start
+                if info.num_frames < n:
+                    raise BadInput("too_few_frames", f"{info.num_frames} frames, need {n}")
+                start = min(int(u * (info.num_frames - n + 1)), info.num_frames - n)
+                return [ClipPlan(bucket, tuple(range(start, start + n)), info.fps, start / info.fps,
+                                 (start + n) / info.fps)]
+
             try:
                 if self.cache_bytes > 0:
                     video = self._whole_video(path)
