@@ -278,3 +278,20 @@ def test_a_yaml_model_section_goes_over_the_default_model(tmp_path):
 def test_unknown_model_fields_are_refused():
     with pytest.raises(ValueError, match=r"unknown VAE model field\(s\) \['model.bogus'\]"):
         build_config(None, ["model.bogus=3"])
+
+
+def test_the_default_deepspeed_config_is_built_in(tmp_path):
+    """Without ds_config= the VAE trainer uses its built-in ZeRO-2 config (an installed package has no ds_configs/
+    folder), the same as ds_configs/vae_zero2_cpu.json and hashed as that file was, so runs started with the file
+    as default still resume; a missing or malformed file is a config error, raised before any process group."""
+    from cogvx_ds.train.vae_trainer import VAETrainConfig, load_ds_config
+
+    cfg = VAETrainConfig(batch_size=3)
+    assert load_ds_config(cfg) == {**json.loads((REPO / "ds_configs" / "vae_zero2_cpu.json").read_text()),
+                                   "train_micro_batch_size_per_gpu": 3}
+    assert cfg.hash() == VAETrainConfig(batch_size=3, ds_config="ds_configs/vae_zero2_cpu.json").hash()
+    with pytest.raises(ValueError, match="ds_config: /nope.json does not exist"):
+        build_config(None, ["ds_config=/nope.json"]).validate()
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        build_config(None, [f"ds_config={tmp_path / 'bad.json'}"]).validate()

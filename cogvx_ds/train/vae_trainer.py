@@ -55,7 +55,7 @@ class VAETrainConfig:
     lr: float = 1e-3
     disc_lr: float = 1e-3
     betas: tuple[float, float] = (0.5, 0.9)
-    ds_config: str = "ds_configs/vae_zero2_cpu.json"
+    ds_config: str | None = None  # a DeepSpeed JSON file; None: DEFAULT_DS_CONFIG (ZeRO-2; also ds_configs/vae_zero2_cpu.json)
     # losses
     recon: str = "l1"  # l1 | l2
     chroma_weight: float = 1.0  # weight of the colour part of the reconstruction error (losses.reconstruction_loss)
@@ -88,6 +88,7 @@ class VAETrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.data_cache_mb < 0:
             raise ValueError(f"data_cache_mb must be >= 0 (0 = no cache), got {self.data_cache_mb}")
+        load_ds_config(self)  # a missing or malformed file fails here, before any process group starts
 
     def loss_weights(self) -> GeneratorLossWeights:
         return GeneratorLossWeights(self.recon, self.lpips_weight, self.lpips_frames, self.kl_weight,
@@ -97,6 +98,8 @@ class VAETrainConfig:
         """Hash of what defines the training trajectory (not logging/steps), to refuse resuming another run."""
         keep = {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in ("run_dir", "steps", "log_every", "video_every", "ckpt_every", "export", "data_cache_mb")}
+        if keep["ds_config"] is None:  # the built-in config, hashed under the name its file had before
+            keep["ds_config"] = "ds_configs/vae_zero2_cpu.json"
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -119,12 +122,34 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
+# The default DeepSpeed config, built in so that an installed package (no source tree) has it; the same as
+# ds_configs/vae_zero2_cpu.json. ZeRO-2: the VAE and discriminator are small, every rank holds them whole.
+DEFAULT_DS_CONFIG = {
+    "gradient_clipping": 1.0,
+    "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True},
+    "zero_allow_untested_optimizer": True,
+    "steps_per_print": 1_000_000_000,
+    "wall_clock_breakdown": False,
+}
+
+
 def load_ds_config(cfg: VAETrainConfig) -> dict:
-    path = Path(cfg.ds_config)
-    path = path if path.is_absolute() or path.exists() else REPO / path
-    if not path.is_file():
-        raise FileNotFoundError(f"ds_config {cfg.ds_config}: file not found")
-    ds = json.loads(path.read_text())
+    """The DeepSpeed config: `cfg.ds_config` (a path as given, or relative to the source tree) or the built-in
+    DEFAULT_DS_CONFIG; the micro-batch is `batch_size`."""
+    if cfg.ds_config is None:
+        ds = json.loads(json.dumps(DEFAULT_DS_CONFIG))
+    else:
+        path = Path(cfg.ds_config)
+        path = path if path.is_absolute() or path.exists() else REPO / path
+        if not path.is_file():
+            raise ValueError(f"ds_config: {cfg.ds_config} does not exist (a DeepSpeed JSON file; leave it unset for "
+                             f"the built-in ZeRO-2 config)")
+        try:
+            ds = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"ds_config: {path} is not valid JSON: {e}") from e
+        if not isinstance(ds, dict):
+            raise ValueError(f"ds_config: {path} must hold a JSON object, got {type(ds).__name__}")
     ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
     ds.setdefault("gradient_accumulation_steps", 1)
     ds.pop("train_batch_size", None)  # derived by DeepSpeed from micro batch x accumulation x world
