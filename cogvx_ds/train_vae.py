@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m cogvx_ds.train_vae", description=__doc__, epilog=_fields_help(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file of config fields")
-    p.add_argument("--run-dir", help="output dir: metrics.jsonl, tb/, checkpoints/, export/ (same as run_dir=)")
+    p.add_argument("--run-dir", help="output dir: metrics.jsonl, tensorboard/, checkpoints/, export/ (same as run_dir=)")
     p.add_argument("--steps", type=int, help="total optimizer steps (same as steps=)")
     p.add_argument("--lpips-path", help="local LPIPS weights (same as lpips_path=); without it LPIPS is off")
     p.add_argument("--export-only", action="store_true",

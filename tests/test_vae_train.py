@@ -91,7 +91,7 @@ def test_training_reduces_reconstruction_loss_with_gan_on(runs):
     assert all(r["d_weight"] > 0 and r["d_loss"] > 0 for r in gan)
     assert all(r["d_weight"] == 0 and r["d_loss"] == 0 for r in m if r["step"] <= DISC_START)
     assert all(r["lpips"] > 0 for r in m)
-    assert list((full_run / "tb").glob("events.out.tfevents.*"))
+    assert list((full_run / "tensorboard").glob("events.out.tfevents.*"))  # the DiT trainer's folder name
 
 
 @pytest.mark.slow
@@ -117,6 +117,13 @@ def test_sigkill_and_resume_continue_the_same_curve(runs):
         for key in ("loss", "rec_loss", "lpips", "kl", "g_loss", "d_loss", "d_weight"):
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (got["step"], key)
     assert (resumed_run / "export" / "config.json").is_file()
+    # TensorBoard shows one curve: the events the killed run logged after its checkpoint are purged on resume
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(resumed_run / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("vae/rec_loss")]
+    assert steps == list(range(1, RESUME_TO + 1)), steps
 
 
 @pytest.mark.slow

@@ -236,7 +236,9 @@ class VAETrainer:
 
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
-            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+            # named as the DiT trainer's; a resume drops the events logged after its checkpoint (a killed run
+            # logged past it), as metrics.jsonl is truncated, so TensorBoard shows one curve
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step + 1)
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train_vae", disable=self.rank != 0, dynamic_ncols=True,
