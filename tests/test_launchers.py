@@ -2,6 +2,7 @@
 that record their arguments (the config check before launch uses the real cogvx_ds)."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,6 +35,7 @@ if [ "$1" = requeue ] && [ -n "${STUB_REQUEUE_FAIL:-}" ]; then exit 1; fi
 """
 STUB_LOGGER = r"""#!/usr/bin/env bash
 echo "$(basename "$0") $*" >> "$STUB_LOG"
+if [ -n "${DS_ENV_FILE:-}" ]; then echo "DS_ENV_FILE=$DS_ENV_FILE" >> "$STUB_LOG"; fi
 """
 STUB_PYTHON = r"""#!/usr/bin/env bash
 if [ "$1 $2" = "-m torch.distributed.run" ]; then echo "python $*" >> "$STUB_LOG"; exit 0; fi
@@ -90,10 +92,17 @@ def test_srun_and_deepspeed_launchers(env):
     # 2 nodes x 4: --ntasks as well, or the job's own SLURM_NTASKS (one per node) would win over --ntasks-per-node
     assert "srun --nodes=2 --ntasks=8 --ntasks-per-node=4 --kill-on-bad-exit=1" in line and "stages/hq_finetune" in line
     assert line.endswith("train.lr=5e-5")
-    assert _sbatch("train_caption.sbatch", env, LAUNCHER="deepspeed").returncode == 0
+    home = Path(env["RUN_DIR"]).parent / "home"
+    home.mkdir()
+    (home / ".deepspeed_env").write_text("NCCL_IB_HCA=mlx5\n\nFOO=bar baz")  # a blank line, no final newline
+    assert _sbatch("train_caption.sbatch", env, LAUNCHER="deepspeed", HOME=str(home)).returncode == 0
     (line,) = [x for x in log(env) if x.startswith("deepspeed")]
     assert "--master_addr node001" in line and "--module cogvx_ds.train" in line and "stages/caption_finetune" in line
     assert (Path(env["RUN_DIR"]) / "hostfile").read_text() == "node001 slots=4\nnode002 slots=4\n"
+    # the other nodes' ranks get COGVX_JOB_START through deepspeed's env file, with the user's own variables
+    (ds_env,) = [x.split("=", 1)[1] for x in log(env) if x.startswith("DS_ENV_FILE=")]
+    lines = Path(ds_env).read_text().splitlines()
+    assert lines[:2] == ["NCCL_IB_HCA=mlx5", "FOO=bar baz"] and re.fullmatch(r"COGVX_JOB_START=\d+", lines[2]), lines
 
 
 def test_preemption_signal_checkpoints_and_requeues(env):
