@@ -35,14 +35,39 @@ def out_dir_problem(path: str | os.PathLike, flag: str) -> str | None:
     return None
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's (or a folder's entries') data to the storage device: os.replace alone orders nothing
+    against a machine crash, after which a renamed file can be there with no data in it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on folders; the data itself was flushed
+        if not Path(path).is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file under `folder`, and the folders: a checkpoint that DeepSpeed wrote (with plain writes) is on
+    the disk before `latest` names it. Files written by other machines of a shared filesystem cost little here."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fsync_path(Path(root) / name)
+        fsync_path(root)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` on a hidden temp file beside `path`, then rename it into place: readers see the old
-    file or the whole new one, never a partial write (what resume logic relies on)."""
+    file or the whole new one, never a partial write (what resume logic relies on), also after a machine crash
+    (the data is flushed before the rename, the rename before returning)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     write(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
+    fsync_path(path.parent)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -103,3 +103,28 @@ def test_a_ds_config_without_a_zero_section_gets_the_yamls_stage(tmp_path):
     ds.write_text(json.dumps({"wall_clock_breakdown": False}))  # a KeyError traceback before
     got = build_ds_config(load_config("tiny", [f"train.ds_config={ds}"]))
     assert got["zero_optimization"] == {"stage": 3} and got["wall_clock_breakdown"] is False
+
+
+def test_atomic_writes_and_checkpoints_are_flushed_to_disk(tmp_path, monkeypatch):
+    """A rename is not ordered against a machine crash: atomic_write flushes the data before renaming and the
+    folder after, and fsync_tree (what every rank runs on its checkpoint before `latest` names it) flushes every
+    file and folder of the checkpoint."""
+    import os
+
+    from cogvx_ds import utils
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    target = tmp_path / "ckpt" / "latest"
+    utils.atomic_write_text(target, "step00000002")
+    assert target.read_text() == "step00000002"
+    tmp_name, folder = synced
+    assert os.path.basename(tmp_name).startswith(".latest.tmp-") and folder == str(tmp_path / "ckpt")
+    synced.clear()
+    (tmp_path / "ckpt" / "step2" / "zero").mkdir(parents=True)
+    (tmp_path / "ckpt" / "step2" / "zero" / "a.pt").write_bytes(b"x")
+    (tmp_path / "ckpt" / "step2" / "b.pt").write_bytes(b"y")
+    utils.fsync_tree(tmp_path / "ckpt" / "step2")
+    step = tmp_path / "ckpt" / "step2"
+    assert sorted(synced) == sorted(map(str, [step, step / "b.pt", step / "zero", step / "zero" / "a.pt"]))

@@ -31,7 +31,7 @@ from cogvx_ds.diffusion import NoiseSchedule, bucket_loss_sums, bucket_losses
 from cogvx_ds.diffusion.timesteps import explicit_uniform_interval, sampling_generator
 from cogvx_ds.parallel import MegatronMPU, init_distributed, state
 from cogvx_ds.train.ds_config import build_ds_config
-from cogvx_ds.utils import atomic_write_text, local_gpu
+from cogvx_ds.utils import atomic_write_text, fsync_tree, local_gpu
 
 warnings.filterwarnings("ignore", message=r".*torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor).*")
 
@@ -494,6 +494,7 @@ class Trainer:
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False)
         if self.ema is not None:
             self.ema.save(self.ckpt_dir / tag / f"ema_rank{self.rank:05d}.safetensors")
+        fsync_tree(self.ckpt_dir / tag)  # what this rank wrote is on the disk before `latest` names it
         dist.barrier()  # every rank has written its part
         if self.is_main:
             files = _file_sizes(self.ckpt_dir / tag)

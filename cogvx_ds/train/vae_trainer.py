@@ -27,7 +27,7 @@ from cogvx_ds.models.vae.discriminator import PatchDiscriminator3D
 from cogvx_ds.models.vae.losses import GeneratorLossWeights, generator_step_terms, hinge_d_loss, kl_per_video_element
 from cogvx_ds.models.vae.lpips import LPIPS
 from cogvx_ds.train.vae_data import MovingShapesStream, VideoFileStream
-from cogvx_ds.utils import atomic_write_text, local_gpu, single_process_env
+from cogvx_ds.utils import atomic_write_text, fsync_tree, local_gpu, single_process_env
 
 log = logging.getLogger("cogvx_ds.train_vae")
 REPO = Path(__file__).resolve().parents[2]
@@ -274,6 +274,7 @@ class VAETrainer:
         self.disc.save_checkpoint(str(self.ckpt_dir / tag), tag="disc", save_latest=False)
         state = dict(step=self.step, data_position=self.stream.position, config_hash=self.cfg.hash(),
                      torch_rng=_encode_tensor(torch.get_rng_state()), world_size=self.world)
+        fsync_tree(self.ckpt_dir / tag)  # what this rank wrote is on the disk before `latest` names it
         if self.rank == 0:
             atomic_write_text(self.ckpt_dir / tag / "trainer_state.json", json.dumps(state, indent=2))
         dist.barrier()
