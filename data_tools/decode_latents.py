@@ -22,7 +22,7 @@ def decode_shards(shards: list[Path], vae, out: Path, num: int | None = None, ke
                   default_fps: float = 8.0) -> list[dict]:
     """Decode up to `num` samples (or those in `keys`); returns one record per written file."""
     out.mkdir(parents=True, exist_ok=True)
-    records = []
+    records, written = [], set()
     for path in shards:
         for s in iter_shard(path):
             if keys is not None and s.key not in keys:
@@ -30,13 +30,17 @@ def decode_shards(shards: list[Path], vae, out: Path, num: int | None = None, ke
             with torch.inference_mode():
                 video = vae.decode(s.mean[None].to(vae.dtype))[0]
             frames = to_uint8(video)
+            # keys are unique within an encode folder only: a key met again (another folder) gets its shard's
+            # folder and name in front instead of overwriting the first one's file
+            name = s.key if s.key not in written else f"{path.parent.name}_{path.stem}_{s.key}"
+            written.add(s.key)
             if frames.shape[0] == 1:
                 from PIL import Image
 
-                file = out / f"{s.key}.png"
+                file = out / f"{name}.png"
                 Image.fromarray(frames[0]).save(file)
             else:
-                file = out / f"{s.key}.mp4"
+                file = out / f"{name}.mp4"
                 write_mp4(file, frames, s.meta.get("fps") or default_fps)
             records.append({"key": s.key, "caption": s.meta.get("caption"), "source": s.meta.get("source"),
                             "file": file.name, "frames": int(frames.shape[0])})

@@ -79,3 +79,17 @@ def test_decode_latents_writes_viewable_videos(encoded, tmp_path):
     assert decode_latents.main([str(src / "out"), "--vae", str(vae_dir), "--out", str(tmp_path / "k"),
                                 "--keys", records[0]["key"]]) == 0
     assert len(list((tmp_path / "k").glob("*.*"))) == 2  # the one file + captions.jsonl
+
+
+def test_decode_latents_keeps_samples_whose_keys_repeat_across_folders(encoded, tmp_path):
+    """Keys are unique within one encode folder only (two folders both start at 000000000_000): decoding both
+    writes one file per sample, the second under its folder and shard name, and captions.jsonl names each."""
+    src, vae_dir = encoded
+    shutil.copytree(src / "out", tmp_path / "hq")
+    first = next(iter_shard(sorted((src / "out").glob("*.tar"))[0])).key
+    assert decode_latents.main([str(src / "out"), str(tmp_path / "hq"), "--vae", str(vae_dir),
+                                "--out", str(tmp_path / "d"), "--keys", first]) == 0
+    records = [json.loads(line) for line in (tmp_path / "d" / "captions.jsonl").read_text().splitlines()]
+    files = [r["file"] for r in records]
+    assert len(files) == 2 and len(set(files)) == 2 and all((tmp_path / "d" / f).is_file() for f in files), files
+    assert files[1].startswith("hq_") and files[1].endswith(f"{first}.mp4")

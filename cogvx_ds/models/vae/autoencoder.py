@@ -212,7 +212,7 @@ class CogVideoXVAE(nn.Module):
     def encode(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """video [B, 3, 4k+1, H, W] in [-1, 1] -> (mean, logvar), each [B, latent_channels, k+1, H/8, W/8]."""
         self._check_video(video)
-        video = video.to(self.dtype)
+        video = video.to(self.device, self.dtype)  # inputs may come from the CPU (a shard, a decoder)
         parts = video.split(1) if self.use_slicing else (video,)
         h = torch.cat([self._encode_one(x) for x in parts])
         posterior = DiagonalGaussian.from_moments(h)
@@ -233,7 +233,7 @@ class CogVideoXVAE(nn.Module):
         """
         if z.dim() != 5 or z.shape[1] != self.config.latent_channels:
             raise ValueError(f"decode expects z [B, {self.config.latent_channels}, T, H, W], got {tuple(z.shape)}")
-        z = z.to(self.dtype)
+        z = z.to(self.device, self.dtype)  # latents read from a shard are on the CPU
         parts = z.split(1) if self.use_slicing else (z,)
         return torch.cat([self._decode_one(x) for x in parts])
 
@@ -323,6 +323,10 @@ class CogVideoXVAE(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
 
     def _check_video(self, video: torch.Tensor) -> None:
         c, r, s = self.config.in_channels, self.config.temporal_ratio, self.config.spatial_ratio
