@@ -103,6 +103,13 @@ def _make_item(index: int, root: Path, source, caption, start=None, end=None, wh
         item.end = float(end) if end not in (None, "") else None
     except (TypeError, ValueError):
         item.error = item.error or ("bad_clip_range", f"{where}: start/end must be seconds, got {start!r}/{end!r}")
+        return item
+    bounds = [t for t in (item.start, item.end) if t is not None]
+    if (any(not math.isfinite(t) or t < 0 for t in bounds)
+            or (item.start is not None and item.end is not None and item.end <= item.start)):
+        # a negative start is read from the video's end by decord; an empty or reversed range has no frames
+        item.error = item.error or ("bad_clip_range", f"{where}: start/end must be seconds with 0 <= start < end, "
+                                                      f"got {start!r}/{end!r}")
     return item
 
 
@@ -112,7 +119,9 @@ def _pick(record: dict, names: tuple[str, ...]):
 
 def _manifest_rows(path: Path) -> Iterator[tuple[str, dict | None]]:
     """(where, record or None) per non-empty line, read as a stream (a manifest may list millions of inputs)."""
-    with open(path, newline="" if path.suffix == ".csv" else None) as f:
+    # utf-8-sig: UTF-8 with or without the byte-order mark that Excel's "CSV UTF-8" and some editors write (read
+    # as text, it would be part of the first column name or the first record), whatever the locale says
+    with open(path, newline="" if path.suffix == ".csv" else None, encoding="utf-8-sig") as f:
         if path.suffix == ".csv":
             yield from ((f"{path}:{n}", r) for n, r in enumerate(csv.DictReader(f), start=2))
             return
@@ -146,7 +155,7 @@ def _paired_lines(videos: Path, prompts: Path) -> Iterator[InputItem]:
     """videos.txt and prompts.txt side by side, as streams; their lengths are compared at the end (blank lines
     count, trailing ones do not): a line added or lost on one side shifts every caption after it."""
     i = last_video = last_caption = 0
-    with open(videos) as fv, open(prompts) as fc:
+    with open(videos, encoding="utf-8-sig") as fv, open(prompts, encoding="utf-8-sig") as fc:
         for n, (line, caption) in enumerate(zip_longest(fv, fc), start=1):
             last_caption = n if caption is not None and caption.strip() else last_caption
             if line is not None and line.strip():
@@ -164,7 +173,7 @@ def _folder_items(folder: Path) -> Iterator[InputItem]:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTS + IMAGE_EXTS)
     for i, p in enumerate(files):
         sidecar = p.with_suffix(".txt")
-        caption = sidecar.read_text(errors="replace") if sidecar.is_file() else None
+        caption = sidecar.read_text(encoding="utf-8-sig", errors="replace") if sidecar.is_file() else None
         yield _make_item(i, folder, p.relative_to(folder).as_posix(), caption, where=str(sidecar))
 
 
@@ -240,6 +249,8 @@ def detect_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     multi-task srun step (`_launcher_rank`), or both (array task a of A running n processes: worker a * n + i of
     A * n), else a single worker."""
     env = os.environ
+    if (rank is None) != (world_size is None):  # one alone made every worker rank 0 (or a world of 1)
+        raise ValueError("--rank and --world-size go together (or give neither: the launcher's environment says)")
     if rank is None and world_size is None:
         array_rank, array_size = 0, 1
         if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
@@ -603,8 +614,8 @@ def run(args) -> dict:
         return {"index": str(finalize(out))}
     # before anything is created, the inputs read (minutes at 10M) or the plan (which records them) written
     _check_model_paths(args)
-    out.mkdir(parents=True, exist_ok=True)
     rank, world = detect_rank(args.rank, args.world_size)
+    out.mkdir(parents=True, exist_ok=True)
     per_shard = max(1, args.samples_per_shard // max(args.clips_per_video, 1))
     count, inputs_sha256, items = read_inputs(args.input, args.prompts, per_shard, rank, world,
                                               progress=not args.no_progress)

@@ -189,3 +189,33 @@ def test_decord_reads_forward_and_a_transform_error_is_not_a_decoder_error(tmp_p
     with pytest.raises(MemoryError, match="resize ran out of memory"):
         read_clips(path, choose, "auto", transform=failing)
     assert len(calls) == 1
+
+
+def test_byte_order_marks_bad_ranges_and_a_lone_rank(tmp_path, monkeypatch):
+    """Excel's "CSV UTF-8" and some editors start files with a UTF-8 byte-order mark: read as text it was part of
+    the first column name (every csv row: no path), broke the first JSONL record, or began the first caption. A
+    negative start (decord reads it from the video's end) and an empty or reversed range are bad_clip_range. And
+    --world-size without --rank (or the reverse) is refused: every worker was rank 0."""
+    bom = "\ufeff"
+    (tmp_path / "m.csv").write_text(bom + "path,caption\nv0.mp4,a cat\nv1.mp4,a dog\n", encoding="utf-8")
+    (tmp_path / "m.jsonl").write_text(bom + json.dumps({"path": "v0.mp4", "caption": "a cat"}) + "\n",
+                                      encoding="utf-8")
+    (tmp_path / "videos.txt").write_text(bom + "v0.mp4\n", encoding="utf-8")
+    (tmp_path / "prompts.txt").write_text(bom + "a cat\n", encoding="utf-8")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "v0.mp4").write_bytes(b"")
+    (tmp_path / "folder" / "v0.txt").write_text(bom + "a cat", encoding="utf-8")
+    for source in ("m.csv", "m.jsonl", "videos.txt", "folder"):
+        items = el.load_inputs(tmp_path / source)
+        assert items[0].error is None and items[0].source == "v0.mp4" and items[0].caption == "a cat", (source, items)
+    ranges = [{"path": "v.mp4", "caption": "c", "start": a, "end": b}
+              for a, b in ((-1, None), (2, 2), (3, 1), ("nan", None), (1.5, 4))]
+    errors = [i.error and i.error[0] for i in el.load_inputs(write_jsonl(tmp_path / "r.jsonl", ranges))]
+    assert errors == ["bad_clip_range"] * 4 + [None], errors
+    for k in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "RANK", "WORLD_SIZE", "SLURM_STEP_ID"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(ValueError, match="--rank and --world-size go together"):
+        el.detect_rank(None, 4)
+    with pytest.raises(ValueError, match="--rank and --world-size go together"):
+        el.detect_rank(2, None)
+    assert el.detect_rank(2, 4) == (2, 4)
