@@ -82,3 +82,27 @@ def test_pickle_members_are_never_loaded(tmp_path):
     pickle.loads(payload)  # the payload really has the side effect, so the check above can fail
     assert os.path.exists(marker)
     os.remove(marker)
+
+
+@pytest.mark.parametrize("meta", [b"[1]", b'{"frames": "nine"}', b'{"frames": null}', b'{"latent_frames": 0}'])
+def test_a_malformed_sample_json_is_a_named_shard_error(tmp_path, meta):
+    """A sample json that is not an object with a positive whole frame count (written by another tool, or
+    damaged) is a ShardError naming the shard and the member, so the plan skips that shard as bad; it crashed the
+    trainer's start-up (AttributeError / ValueError / TypeError, no file named) and inspect_shards."""
+    from cogvx_ds.data.loader import GlobalPlan
+    from data_tools import inspect_shards
+
+    bad = _write(tmp_path / "bad.tar", n=1)
+    good = _write(tmp_path / "good.tar", n=2)
+    with tarfile.open(bad) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(bad, "w") as tar:
+        for m, data in members:
+            data = meta if m.name.endswith(".json") else data
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    with pytest.raises(ShardError, match=r"bad.tar: s000.json: "):
+        list(iter_shard(bad))
+    plan = GlobalPlan([bad, good], global_batch=1, seed=0)
+    assert len(plan) == 2 and len(plan.bad_shards) == 1 and "bad.tar: s000.json" in plan.bad_shards[0]
+    assert inspect_shards.main([str(bad)]) == 0 and inspect_shards.main([str(bad), "--check"]) == 1  # no traceback

@@ -72,7 +72,7 @@ def scan_shard(path: Path) -> ShardSamples:
                 meta = json.loads(raw.read(m["json"][1]))
                 raw.seek(m["latent.safetensors"][0])
                 _check_safetensors_header(raw.read(8), m["latent.safetensors"][1], f"{path}:{key}")
-                samples.add(key, meta, m)
+                samples.add(key, meta, m, f"{path}: {key}.json")
     except (tarfile.TarError, OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"{path}: corrupt shard: {e}") from e
     return samples

@@ -141,6 +141,7 @@ def _build_sample(key: str, members: dict[str, bytes], path: Path, skipped: list
         text = st_load(members["text.safetensors"]) if "text.safetensors" in members else {}
     except Exception as e:  # safetensors / json only: parsing errors, never code execution
         raise ShardError(f"{path}: sample {key!r} is corrupt: {e}") from e
+    sample_bucket(meta, f"{path}: {key}.json")  # an object with a usable frame count, or a ShardError
     if set(lat) != {"mean", "logvar"} or lat["mean"].shape != lat["logvar"].shape or lat["mean"].dim() != 4:
         raise ShardError(f"{path}: {key}.latent.safetensors must hold mean and logvar [C,F,H,W], has "
                          f"{ {k: tuple(v.shape) for k, v in lat.items()} }")
@@ -205,9 +206,15 @@ def write_index(folder: str | os.PathLike, shard_entries: list[dict], extra: dic
 
 
 # ------------------------------------------------------------------------------------------------ manifests
-def sample_bucket(meta: dict) -> tuple[str, int]:
-    """A sample's (bucket, latent frames) from its json: how the training plan groups it."""
-    frames = int(meta.get("latent_frames", meta.get("frames", 1)))
+def sample_bucket(meta: dict, where: str = "sample json") -> tuple[str, int]:
+    """A sample's (bucket, latent frames) from its json: how the training plan groups it. A json that is not an
+    object with a positive whole frame count is a ShardError naming `where` (the shard is then skipped as bad)."""
+    if not isinstance(meta, dict):
+        raise ShardError(f"{where}: expected a JSON object, got {type(meta).__name__}")
+    raw = meta.get("latent_frames", meta.get("frames", 1))
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or raw != int(raw) or raw < 1:
+        raise ShardError(f"{where}: latent_frames/frames must be a positive whole number, got {raw!r}")
+    frames = int(raw)
     return str(meta.get("bucket", f"{frames}")), frames
 
 
@@ -221,9 +228,9 @@ class ShardSamples:
     spans: list[list[int]] = field(default_factory=list)  # per sample [offset, size] x len(KNOWN_SUFFIXES)
     _array: np.ndarray | None = field(default=None, compare=False, repr=False)  # span_array, made once
 
-    def add(self, key: str, meta: dict, spans: dict[str, tuple[int, int]]) -> None:
+    def add(self, key: str, meta: dict, spans: dict[str, tuple[int, int]], where: str = "sample json") -> None:
         self._array = None
-        bucket, frames = sample_bucket(meta)
+        bucket, frames = sample_bucket(meta, where)
         self.keys.append(key)
         self.buckets.append(bucket)
         self.frames.append(frames)
