@@ -92,3 +92,29 @@ def test_buckets_smaller_than_a_global_batch_are_reported(tmp_path):
         plan = GlobalPlan(resolve_shards([str(folder)]), global_batch=3, seed=0)
     assert plan.small_buckets == {"1x8x8": 2}
     assert all(r.bucket == "3x8x8" for p in range(8) for r in plan.batch(p))  # the images never come
+
+
+def test_the_fingerprint_follows_the_order_of_the_shards(shards):
+    """The shuffle indexes shards in the order given, so data.shards [A, B] and [B, A] plan other batches from the
+    same files; the fingerprint (which only counted names) now says so. A checkpoint written before that key
+    existed is not checked on it: it resumes as before."""
+    import types
+
+    from cogvx_ds.train.trainer import Trainer
+
+    ab, ba = GlobalPlan(shards, global_batch=3, seed=0), GlobalPlan(shards[::-1], global_batch=3, seed=0)
+    assert [[r.key for r in ab.batch(p)] for p in range(4)] != [[r.key for r in ba.batch(p)] for p in range(4)]
+    assert ab.fingerprint()["shards_sha256"] == ba.fingerprint()["shards_sha256"]
+    assert ab.fingerprint()["shards_order_sha256"] != ba.fingerprint()["shards_order_sha256"]
+
+    def check(saved, plan):
+        fake = types.SimpleNamespace(resume_from=("step00000002", {"data_plan": saved, "data_position": 6}),
+                                     plan=plan, ckpt_dir=shards[0].parent, is_main=True,
+                                     cfg=types.SimpleNamespace(train=types.SimpleNamespace(resume_with_new_data=False)))
+        Trainer._check_data_plan(fake)
+
+    check(ab.fingerprint(), ab)
+    with pytest.raises(ValueError, match="the data plan changed since this checkpoint.*shards_order_sha256"):
+        check(ab.fingerprint(), ba)
+    old = {k: v for k, v in ab.fingerprint().items() if k != "shards_order_sha256"}
+    check(old, ba)  # written before the key: not checked on it

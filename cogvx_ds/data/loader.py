@@ -210,14 +210,18 @@ class GlobalPlan:
         return dict(self._fingerprint)
 
     def _compute_fingerprint(self) -> dict:
-        counts = Counter()
+        counts, order = Counter(), []
         for shard, n in zip(self.shards, np.bincount(self.shard_ids[self.samples], minlength=len(self.shards))):
             if n:
                 counts[shard.name] += int(n)
+                order.append((shard.name, int(n)))
         listing = json.dumps(sorted(counts.items()) + sorted(Path(p).name for p in self.bad_paths))
         return {"samples": len(self.samples), "shards": len(counts), "unreadable_shards": len(self.bad_paths),
                 "seed": self.seed, "image_ratio": self.image_ratio, "global_batch": self.global_batch,
                 "shards_sha256": hashlib.sha256(listing.encode()).hexdigest()[:16],
+                # the shuffle indexes the shards in the order given: data.shards [A, B] and [B, A] plan other
+                # batches from the same files (a later key: checkpoints written without it are not checked on it)
+                "shards_order_sha256": hashlib.sha256(json.dumps(order).encode()).hexdigest()[:16],
                 # the image/video mix changed (no one-kind tail): a checkpoint of the old mix resumes only with
                 # train.resume_with_new_data (plans without a ratio are unchanged)
                 **({"mix": 2} if self.image_ratio is not None else {})}

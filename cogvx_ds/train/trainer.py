@@ -38,6 +38,9 @@ warnings.filterwarnings("ignore", message=r".*torch.distributed.(all_gather_into
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, checkpoint written, requeue me"
 STOP_FILE, REQUEUE_FILE = "STOP", "REQUEUE"  # run-dir markers shared with launch/_train_common.sh
 LOSS_BUCKETS = 10
+# data-plan fingerprint keys added after checkpoints were written without them: such a checkpoint is not checked on
+# them (it resumes as before); "mix" is not here (the old mix planned other batches, see _check_data_plan)
+LATER_PLAN_KEYS = ("shards_order_sha256",)
 
 
 class _NaNGradient(torch.autograd.Function):
@@ -626,7 +629,10 @@ class Trainer:
             return
         tag, st = self.resume_from
         saved, now = st.get("data_plan"), self.plan.fingerprint()
-        if saved is None or saved == now:
+        if saved is None:
+            return
+        now = {k: v for k, v in now.items() if k in saved or k not in LATER_PLAN_KEYS}
+        if saved == now:
             return
         changed = ", ".join(f"{k} {saved.get(k)} -> {now[k]}" for k in now if saved.get(k) != now[k])
         if not self.cfg.train.resume_with_new_data and set(now) - set(saved) == {"mix"} and all(
