@@ -280,14 +280,32 @@ def read_clips(path: str | Path, choose: Callable[[VideoInfo], list[ClipPlan]], 
     raise BadInput("unreadable", f"{path}: " + "; ".join(errors))
 
 
+IMAGE_BACKGROUND = (255, 255, 255)  # what transparent pixels are composited onto
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    """An image as uint8 [1, H, W, 3] RGB."""
-    from PIL import Image
+    """An image as uint8 [1, H, W, 3] RGB, as a viewer shows it: turned upright by its EXIF orientation (phone
+    photos are stored sideways), transparent parts composited onto white (dropping the alpha would show whatever
+    colour the transparent pixels hold), 16/32-bit greyscale scaled to 8 bits (PIL's RGB conversion clips it)."""
+    from PIL import Image, ImageOps
 
     path = Path(path)
     _check_file(path)
     try:
         with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+                wide = np.asarray(img, dtype=np.float64)
+                top = 65535.0 if img.mode.startswith("I;16") or wide.max() > 255 else 255.0
+                img = Image.fromarray(np.clip(np.rint(wide * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+            elif img.mode == "F":
+                img = Image.fromarray(np.clip(np.rint(np.asarray(img) * 255.0), 0, 255).astype(np.uint8), "L")
+            if img.mode == "P" and "transparency" in img.info:
+                img = img.convert("RGBA")
+            if img.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
+                rgba = img.convert("RGBA")
+                flat = Image.new("RGBA", rgba.size, IMAGE_BACKGROUND + (255,))
+                img = Image.alpha_composite(flat, rgba)
             return np.asarray(img.convert("RGB"))[None]
     except Exception as e:
         raise BadInput("unreadable", f"{path}: not a readable image: {type(e).__name__}: {e}") from None

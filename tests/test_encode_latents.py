@@ -440,3 +440,36 @@ def test_a_mistyped_model_path_does_not_lock_the_output_folder(tmp_path, vae_dir
         encode(manifest, tmp_path / "o", vae_dir, "--text-encoder", tmp_path / "t5-typo")
     assert not (tmp_path / "o").exists()  # no plan, and no empty folder either
     assert encode(manifest, tmp_path / "o", vae_dir, "--samples-per-shard", 12)["shards_written"] >= 1
+
+
+def test_images_read_as_a_viewer_shows_them(tmp_path):
+    """EXIF orientation applied (a phone's portrait photo is stored sideways: it went into a landscape bucket,
+    turned), transparency composited onto white (dropped, it showed the hidden colour: black here), 16-bit
+    greyscale scaled to 8 bits (PIL's RGB conversion clipped mid-grey to white)."""
+    from PIL import Image
+
+    from data_tools.video_decode import read_image
+
+    stored = np.zeros((40, 80, 3), np.uint8)
+    stored[:, :40] = 255  # left half white as stored; orientation 6: shown turned 90 degrees clockwise
+    img = Image.fromarray(stored)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "portrait.jpg", exif=exif, quality=95)
+    shown = read_image(tmp_path / "portrait.jpg")[0]
+    assert shown.shape == (80, 40, 3)
+    assert shown[:35].mean() > 240 and shown[45:].mean() < 15  # the white half is on top
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[0, 0] = [10, 20, 30, 255]
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    out = read_image(tmp_path / "alpha.png")[0]
+    assert out[0, 0].tolist() == [10, 20, 30] and out[4, 4].tolist() == [255, 255, 255]
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(tmp_path / "grey16.png")
+    assert read_image(tmp_path / "grey16.png")[0, 0, 0].tolist() == [128, 128, 128]
+    pal = Image.new("P", (8, 8), 0)
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    pal.save(tmp_path / "pal.png", transparency=0)
+    assert read_image(tmp_path / "pal.png")[0, 0, 0].tolist() == [255, 255, 255]
+    plain = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(plain).save(tmp_path / "plain.png")
+    assert np.array_equal(read_image(tmp_path / "plain.png")[0], plain)
