@@ -93,8 +93,9 @@ def choose_bucket(buckets: Sequence[Bucket], height: int, width: int, frames: in
 class VideoInfo:
     num_frames: int
     fps: float
-    height: int
+    height: int  # as displayed (after the file's rotation)
     width: int
+    quarter_turns: int = 0  # PyAV: counter-clockwise quarter turns that display the decoded frames upright
 
 
 @dataclass(frozen=True)
@@ -207,9 +208,22 @@ def _decord_read(path: Path, choose: Callable[[VideoInfo], list[ClipPlan]], tran
     return info, plans, clips
 
 
-def _pyav_decode(path: Path, plans: list[ClipPlan], transform: Transform | None) -> tuple[list | None, int]:
+def _upright(frame: np.ndarray, turns: int) -> np.ndarray:
+    return np.ascontiguousarray(np.rot90(frame, turns)) if turns else frame
+
+
+def _quarter_turns(container) -> int:
+    """The rotation a player applies to this video (a phone's portrait video is stored landscape with a display
+    matrix), in counter-clockwise quarter turns, read from the first frame; decord applies it itself."""
+    frame = next(container.decode(video=0), None)
+    rotation = getattr(frame, "rotation", 0) or 0  # PyAV >= 14
+    return round(rotation / 90) % 4
+
+
+def _pyav_decode(path: Path, plans: list[ClipPlan], transform: Transform | None,
+                 turns: int = 0) -> tuple[list | None, int]:
     """The clips from one pass over the file (see _stream_clips), and how many frames were decoded; (None, frames
-    decoded) when the file ends before every clip is complete."""
+    decoded) when the file ends before every clip is complete. Frames are turned upright by `turns`."""
     import av
 
     wanted = {i for p in plans for i in p.indices}
@@ -223,7 +237,7 @@ def _pyav_decode(path: Path, plans: list[ClipPlan], transform: Transform | None)
             for i, frame in frames:
                 decoded = i + 1
                 if i in wanted:
-                    got[i] = frame.to_ndarray(format="rgb24")
+                    got[i] = _upright(frame.to_ndarray(format="rgb24"), turns)
                 if i >= indices[-1]:
                     break
             return got
@@ -241,17 +255,22 @@ def _pyav_info(path: Path) -> VideoInfo:
         stream = container.streams.video[0]
         fps = float(stream.average_rate or stream.guessed_rate or stream.base_rate or 0)
         count = stream.frames or sum(1 for p in container.demux(stream) if p.size)  # header, else packets
-        return VideoInfo(count, fps, stream.codec_context.height, stream.codec_context.width)
+        height, width = stream.codec_context.height, stream.codec_context.width
+    with av.open(str(path)) as container:
+        turns = _quarter_turns(container)
+    if turns % 2:
+        height, width = width, height
+    return VideoInfo(count, fps, height, width, turns)
 
 
 def _pyav_read(path: Path, choose: Callable[[VideoInfo], list[ClipPlan]], transform: Transform | None):
     info = _pyav_info(path)
     plans = choose(info)
-    clips, decoded = _pyav_decode(path, plans, transform)
+    clips, decoded = _pyav_decode(path, plans, transform, info.quarter_turns)
     if clips is None:  # the header promised more frames than the file holds (truncated)
-        info = VideoInfo(decoded, info.fps, info.height, info.width)
+        info = VideoInfo(decoded, info.fps, info.height, info.width, info.quarter_turns)
         plans = choose(info)
-        clips, _ = _pyav_decode(path, plans, transform)
+        clips, _ = _pyav_decode(path, plans, transform, info.quarter_turns)
         if clips is None:
             raise BadInput("decode_error", f"{path}: only {decoded} frames could be decoded")
     return info, plans, clips

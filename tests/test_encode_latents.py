@@ -473,3 +473,30 @@ def test_images_read_as_a_viewer_shows_them(tmp_path):
     plain = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     Image.fromarray(plain).save(tmp_path / "plain.png")
     assert np.array_equal(read_image(tmp_path / "plain.png")[0], plain)
+
+
+def test_pyav_turns_rotated_videos_upright_as_decord_does(tmp_path):
+    """A phone's portrait video is stored landscape with a display matrix. decord shows it upright; PyAV handed out
+    the stored frames, so a PyAV read (decord's fallback, or --backend pyav) went sideways into another bucket."""
+    import struct
+
+    from data_tools._video_io import write_mp4
+    from data_tools.video_decode import read_clips
+
+    stored = np.zeros((9, 32, 64, 3), np.uint8)
+    stored[:, :, :32] = 255  # left half white as stored
+    write_mp4(tmp_path / "flat.mp4", stored, 8.0)
+    data = bytearray((tmp_path / "flat.mp4").read_bytes())
+    at = data.find(b"tkhd") - 4
+    assert data[at + 8] == 0  # a version-0 track header: its matrix is 9 int32s at byte 48
+    data[at + 48:at + 84] = struct.pack(">9i", 0, 65536, 0, -65536, 0, 0, 0, 0, 1 << 30)  # turn 90 clockwise
+    (tmp_path / "portrait.mp4").write_bytes(data)
+    buckets = parse_buckets("64x32x9,32x64x9")
+    clips = {}
+    for backend in ("decord", "pyav"):
+        info, plans, got, used = read_clips(tmp_path / "portrait.mp4", lambda i: plan_clips(i, buckets, None, 1),
+                                            backend)
+        assert used == backend and (info.height, info.width) == (64, 32) and plans[0].bucket == Bucket(64, 32, 9)
+        clips[backend] = got[0].astype(float)
+        assert clips[backend][:, :28].mean() > 240 and clips[backend][:, 36:].mean() < 15  # white on top
+    assert np.abs(clips["decord"] - clips["pyav"]).mean() < 2
