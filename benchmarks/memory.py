@@ -12,7 +12,12 @@
     python benchmarks/memory.py --quick    # smaller sizes, ranks 1 and 2 only
     python benchmarks/memory.py --recompute-gelu   # (b) with model.recompute_gelu=true
 
-Each measurement runs under torchrun in its own processes (`--worker zero3|sp`, rank 0 writes a JSON file).
+(c) ZeRO-3's gathered working set: the most parameter elements held gathered at once during a step of a 42-block
+    model whose stage3_max_live_parameters / stage3_max_reuse_distance are scaled to its blocks as the shipped
+    config's are to the 5B model's, with and without activation checkpointing, beside the analytic count.
+
+Each measurement runs under torchrun in its own processes (`--worker zero3|sp|gathered`, rank 0 writes a JSON
+file).
 """
 
 from __future__ import annotations
@@ -76,6 +81,66 @@ def worker_zero3(out: Path, model_overrides: list[str]) -> None:
     if dist.get_rank() == 0:
         out.write_text(json.dumps({"ranks": world, "per_rank": rows, "analytic": analytic,
                                    "params_total": sum(p.ds_numel for p in model.parameters())}))
+    dist.barrier()
+
+
+def worker_gathered(out: Path, layers: int, live_blocks: float, reuse_blocks: float, checkpointing: bool) -> None:
+    """(c) ZeRO-3's gathered working set: the most non-persistent parameter elements gathered at once during
+    forward + backward (at every block's entry and exit), with stage3_max_live_parameters and
+    stage3_max_reuse_distance given in blocks of this model, beside perf_model.zero3_gathered_numel."""
+    import torch
+    import torch.distributed as dist
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from cogvx_ds.parallel import init_distributed
+    from cogvx_ds.perf_model import Layout, zero3_gathered_numel
+    from cogvx_ds.train.trainer import build_ds_config, build_engine
+
+    cfg = _layout_model(ZERO3_MODEL[:-1] + [f"model.num_layers={layers}", "model.max_text_seq_length=16",
+                                            f"model.activation_checkpointing={str(checkpointing).lower()}",
+                                            f"train.ds_config={ROOT / 'ds_configs' / 'zero3_bf16.json'}",
+                                            "train.zero_stage=3", "train.precision=bf16"])
+    ds = build_ds_config(cfg)
+    init_distributed(backend="gloo")
+    from cogvx_ds.models import CogVideoXTransformer
+
+    with torch.device("meta"):
+        probe = CogVideoXTransformer(cfg.model)
+    threshold = ZERO3_DS["stage3_param_persistence_threshold"]
+    block = sum(p.numel() for p in probe.blocks[0].parameters() if p.numel() >= threshold)
+    total = sum(p.numel() for b in probe.blocks for p in b.parameters() if p.numel() >= threshold)
+    del probe
+    zero = ds["zero_optimization"]
+    zero.update(ZERO3_DS, stage3_max_live_parameters=int(live_blocks * block),
+                stage3_max_reuse_distance=int(reuse_blocks * block), stage3_prefetch_bucket_size=int(0.5 * live_blocks * block))
+    engine, model = build_engine(cfg, ds)
+    params = [p for p in model.parameters() if p.ds_numel >= threshold]
+    peak = [0]
+
+    def note(*_):
+        peak[0] = max(peak[0], sum(p.ds_numel for p in params if p.ds_status != ZeroParamStatus.NOT_AVAILABLE))
+
+    for b in [mod for mod in model.modules() if type(mod).__name__ == "ExpertBlock"]:
+        b.register_forward_pre_hook(note)
+        b.register_forward_hook(note)
+        b.register_full_backward_hook(note)
+    m = cfg.model
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, m.in_channels, 8, 8, generator=g)
+    text = torch.randn(1, m.max_text_seq_length, m.text_embed_dim, generator=g)
+    peaks = []
+    for _ in range(2):  # the second step runs with DeepSpeed's recorded module order (its prefetching)
+        peak[0] = 0
+        loss = engine(x, text, torch.tensor([500.0]), gather_output=False).float().square().mean()
+        engine.backward(loss)
+        engine.step()
+        peaks.append(peak[0])
+    lay = Layout(dp=1, max_live_parameters=zero["stage3_max_live_parameters"],
+                 max_reuse_distance=zero["stage3_max_reuse_distance"], persistence_threshold=threshold)
+    if dist.get_rank() == 0:
+        out.write_text(json.dumps({"layers": layers, "checkpointing": checkpointing, "block": block,
+                                   "measured": max(peaks), "analytic": zero3_gathered_numel(block, total, lay),
+                                   "live_blocks": live_blocks, "reuse_blocks": reuse_blocks}))
     dist.barrier()
 
 
@@ -168,8 +233,11 @@ def main(argv=None) -> int:
                     help="latent frames/height/width for (b); video tokens = F*H*W/4")
     ap.add_argument("--dtype", default="fp32", choices=["bf16", "fp32"],
                     help="dtype of (b) (fp32: bf16 matmuls are emulated and slow on CPUs without AVX512-BF16)")
-    ap.add_argument("--worker", choices=["zero3", "sp"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["zero3", "sp", "gathered"], help=argparse.SUPPRESS)
     ap.add_argument("--sp", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--gathered", type=float, nargs=3, default=None, metavar=("LAYERS", "LIVE", "REUSE"),
+                    help=argparse.SUPPRESS)  # worker (c): layers, max live / reuse distance in blocks
+    ap.add_argument("--no-ckpt", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--model", nargs="*", default=None, help="model.* overrides (default: per measurement)")
     ap.add_argument("--recompute-gelu", action="store_true",
@@ -183,10 +251,22 @@ def main(argv=None) -> int:
     if args.worker == "sp":
         worker_sp(args.out, args.sp, args.model if args.model is not None else sp_model, args.latent, args.dtype)
         return 0
+    if args.worker == "gathered":
+        layers, live, reuse = args.gathered or (42, 7.56, 7.56)  # 5B's blocks at the shipped 1e9 / 1e9
+        worker_gathered(args.out, int(layers), live, reuse, not args.no_ckpt)
+        return 0
     if args.quick:
         args.ranks, args.latent = [1, 2], [2, 64, 64]
     if args.recompute_gelu:
         sp_model.append("model.recompute_gelu=true")
+
+    gathered = [torchrun(1, "--worker", "gathered", *(["--no-ckpt"] if not ckpt else []))
+                for ckpt in (True, False)]
+    print("(c) ZeRO-3 gathered parameters at once (42 blocks, max live / reuse distance of 7.56 blocks each: the "
+          "5B model's at the shipped 1e9 / 1e9), in blocks")
+    print_table([{"ckpt": "on" if r["checkpointing"] else "off", "measured": r["measured"] / r["block"],
+                  "analytic": r["analytic"] / r["block"]} for r in gathered],
+                [("ckpt", "checkpointing"), ("measured", "measured", "{:.2f}"), ("analytic", "analytic", "{:.2f}")])
 
     zero3_runs = [torchrun(n, "--worker", "zero3") for n in args.ranks]
     zero3 = [zero3_row(r) for r in zero3_runs]
@@ -212,7 +292,8 @@ def main(argv=None) -> int:
                           ("saved_vs_sp1_over_sp", "saved / (SP1/SP)", "{:.3f}"), ("live_mib", "live", "{:.1f}"),
                           ("live_vs_sp1_over_sp", "live / (SP1/SP)", "{:.3f}")])
     name = "memory_recompute_gelu" if args.recompute_gelu else "memory"
-    path = write_results(name, {"zero3": zero3, "sp_activations": sp_rows, "zero3_model": ZERO3_MODEL,
+    path = write_results(name, {"zero3": zero3, "sp_activations": sp_rows, "zero3_gathered": gathered,
+                                "zero3_model": ZERO3_MODEL,
                                 "zero3_ds_overrides": ZERO3_DS, "sp_model": sp_model, "latent": args.latent,
                                 "raw": {"zero3": zero3_runs, "sp": sp_runs}})
     print(f"wrote {path}")

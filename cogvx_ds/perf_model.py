@@ -202,6 +202,10 @@ class Layout:
     param_bytes: int = 2  # bf16 parameters and gradients; 4 for fp32 training (then no separate master copy)
     persistence_threshold: int = 1_000_000  # ZeRO-3: parameters smaller than this stay gathered on every rank
     reduce_bucket_size: int = 500_000_000  # ZeRO gradient bucket, elements (ds_configs/zero3_bf16.json)
+    # ZeRO-3's gathered working set (ds_configs/zero3_bf16.json, which states DeepSpeed's defaults): see
+    # zero3_gathered_numel
+    max_live_parameters: int = 1_000_000_000
+    max_reuse_distance: int = 1_000_000_000
 
     @property
     def gpus(self) -> int:
@@ -232,8 +236,8 @@ def model_state_bytes(m: ModelConfig, lay: Layout) -> dict:
     persistent = pb * sum(p.numel_per_tp_rank(lay.tp) for p in inv
                           if p.numel_per_tp_rank(lay.tp) < lay.persistence_threshold) if st == 3 else 0
     host = 0
-    if lay.offload_optimizer:
-        host += optim + grads
+    if lay.offload_optimizer:  # plus the fp32 gradient partition DeepSpeed keeps beside them on the CPU
+        host += optim + grads + 4 * (n_part if st >= 2 else n)
         optim = grads = 0
     if lay.offload_param and st == 3:
         host += params
@@ -242,14 +246,30 @@ def model_state_bytes(m: ModelConfig, lay: Layout) -> dict:
             "model_states": params + grads + optim, "host": host, "numel_per_rank": n_part if st == 3 else n}
 
 
+def zero3_gathered_numel(block: int, total: int, lay: Layout) -> int:
+    """Elements of the (TP-split) non-persistent block parameters ZeRO-3 holds gathered at once, at its peak: the
+    turn from forward to backward, where the last blocks of the forward are the first of the backward (with or
+    without activation checkpointing). DeepSpeed keeps a used parameter gathered while its next use is within
+    stage3_max_reuse_distance elements, and lets stage3_max_live_parameters stay gathered; the larger of the two
+    decides, in whole blocks (at least one, at most all). Measured on a 42-block model with the thresholds in
+    blocks of it (benchmarks/memory.py --worker gathered, tests/test_perf_model.py): live/reuse 7.56/7.56 -> 8
+    blocks, 3/3 -> 3, 4/12 -> 12, 12/0.5 -> 12, 1/1 -> 1, each within 0.11 blocks (the non-block parameters). For
+    the 5B model at the shipped 1e9 / 1e9: 8 of its blocks, 1.97 GiB in bf16."""
+    window = max(lay.max_live_parameters, lay.max_reuse_distance)
+    return min(total, max(1, math.ceil(window / block)) * block)
+
+
 def memory_per_gpu(m: ModelConfig, clip: Clip, lay: Layout) -> dict:
     """GPU bytes per rank: model states + ZeRO buffers + activations (peak, backward included)."""
     n_text, n_video = clip.tokens(m)
     states = model_state_bytes(m, lay)
-    # ZeRO-3 working set: the gathered (full, TP-split) parameters of the block being computed and of the one
-    # prefetched after it, plus the gradient reduce bucket (one bf16 buffer of reduce_bucket_size elements).
-    block = sum(p.numel_per_tp_rank(lay.tp) for p in param_inventory(m) if p.name.startswith("blocks.0."))
-    gathered = 2 * block * lay.param_bytes if lay.zero_stage == 3 else 0
+    # ZeRO-3 working set: the gathered (full, TP-split) parameters (zero3_gathered_numel), plus the gradient reduce
+    # bucket (one bf16 buffer of reduce_bucket_size elements).
+    inv = param_inventory(m)
+    gathers = [p for p in inv if p.name.startswith("blocks.") and p.numel_per_tp_rank(lay.tp) >= lay.persistence_threshold]
+    block = sum(p.numel_per_tp_rank(lay.tp) for p in gathers if p.name.startswith("blocks.0."))
+    blocks_total = sum(p.numel_per_tp_rank(lay.tp) for p in gathers)
+    gathered = zero3_gathered_numel(block, blocks_total, lay) * lay.param_bytes if lay.zero_stage == 3 else 0
     bucket = min(lay.reduce_bucket_size, states["numel_per_rank"] * lay.dp * lay.sp) * lay.param_bytes \
         if lay.zero_stage >= 2 else 0
     act = activation_bytes(m, n_text, n_video, lay.sp, lay.tp, 2 if lay.param_bytes == 2 else 4,

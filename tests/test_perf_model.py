@@ -120,7 +120,8 @@ def test_memory_model_bookkeeping():
     z2 = model_state_bytes(m, Layout(dp=8, zero_stage=2))
     assert z2["params"] == 2 * n and z2["grads"] == pytest.approx(2 * n / 8, rel=1e-4)
     off = model_state_bytes(m, Layout(dp=8, offload_optimizer=True))
-    assert off["optimizer"] == off["grads"] == 0 and off["host"] == pytest.approx(14 * n / 8, rel=1e-4)
+    # host: fp32 master + Adam (12 B), bf16 gradient (2 B) and the fp32 gradient DeepSpeed keeps beside them (4 B)
+    assert off["optimizer"] == off["grads"] == 0 and off["host"] == pytest.approx(18 * n / 8, rel=1e-4)
     # checkpointing trades per-layer activations for block inputs; SP divides activations
     n_text, n_video = Clip().tokens(m)
     full = activation_bytes(m, n_text, n_video)["peak"]
@@ -148,9 +149,9 @@ def test_perf_model_cli_prints_the_table(capsys):
     assert main(["--model", "5b", "--gpus", "8", "--sp", "4", "--no-ckpt"]) == 0
     out = capsys.readouterr().out
     mem = memory_per_gpu(load_config("model/5b").model, Clip(), Layout(dp=2, sp=4, checkpointing=False))
-    assert "DP2xSP4xTP1 ZeRO-3 ckpt off" in out and f"{mem['total'] / 2**30:8.1f}" in out and "35.6" in out
+    assert "DP2xSP4xTP1 ZeRO-3 ckpt off" in out and f"{mem['total'] / 2**30:8.1f}" in out and "37.0" in out
     assert main(["--model", "5b", "--gpus", "8", "--sp", "4", "--no-ckpt", "--recompute-gelu"]) == 0
-    assert "31.3" in capsys.readouterr().out
+    assert "32.8" in capsys.readouterr().out
     for bad, message in [(["--model", "2b", "--sp", "4"], "30 heads"), (["--gpus", "10", "--sp", "4"], "multiple"),
                          (["--model", "7b"], "--model 7b"), (["--offload", "param", "--zero", "2"], "ZeRO-3"),
                          (["--gpus", "0"], "at least 1"), (["--height", "-480"], "--height must be a positive"),
@@ -177,6 +178,42 @@ def test_zero3_model_states_per_rank_match_analytic(torchrun, tmp_path):
         assert rank["persistent"] == pytest.approx(res["analytic"]["persistent"], rel=0.10)
     total = res["params_total"]
     assert res["per_rank"][0]["model_states"] == pytest.approx(16 * total / 2, rel=0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gathered,ckpt", [(("42", "7.56", "7.56"), True), (("42", "4", "12"), False),
+                                           (("42", "3", "3"), True)])
+def test_zero3_gathered_parameters_match_analytic(torchrun, tmp_path, gathered, ckpt):
+    """ZeRO-3 holds gathered, at its peak (the turn from forward to backward), the larger of max live parameters
+    and max reuse distance in whole blocks: 8 blocks of a 42-block model scaled as the 5B model is at the shipped
+    1e9 / 1e9, not the two the model assumed (observed within 0.11 blocks: the non-block parameters)."""
+    res = _worker(torchrun, tmp_path, 1, "--worker", "gathered", "--gathered", *gathered,
+                  *([] if ckpt else ["--no-ckpt"]))
+    assert res["measured"] == pytest.approx(res["analytic"], abs=0.25 * res["block"]), res
+
+
+def test_readme_memory_table_is_the_models():
+    """Every per-GPU row of the README's memory table is what memory_per_gpu gives for its layout."""
+    readme = (ROOT / "README.md").read_text()
+    rows = {  # the row's label -> its layout
+        ("2B", "8", "DP8, ZeRO-3, ckpt"): Layout(dp=8),
+        ("5B", "8", "DP8, ZeRO-3, ckpt"): Layout(dp=8),
+        ("5B", "8", "DP8, ZeRO-3 + optimizer offload"): Layout(dp=8, offload_optimizer=True),
+        ("5B", "8", "DP2 x SP4, ZeRO-3, no ckpt"): Layout(dp=2, sp=4, checkpointing=False),
+        ("5B", "8", "DP2 x SP4, ZeRO-3, no ckpt, GELU recomputed"): Layout(dp=2, sp=4, checkpointing=False,
+                                                                             recompute_gelu=True),
+        ("5B", "64", "DP64, ZeRO-3, ckpt"): Layout(dp=64),
+        ("5B", "64", "DP16 x SP4, ZeRO-3, no ckpt"): Layout(dp=16, sp=4, checkpointing=False),
+    }
+    for (size, gpus, label), lay in rows.items():
+        line = next(x for x in readme.splitlines() if x.startswith(f"| {size} | {gpus} | {label}")
+                    and (", GELU" in x) == ("GELU" in label))
+        mem = memory_per_gpu(load_config(f"model/{size.lower()}").model, Clip(), lay)
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        want = [f"{mem[k] / 2**30:.1f}" for k in ("model_states", "buffers", "activations")]
+        assert cells[3:6] == want and cells[6] == f"**{mem['total'] / 2**30:.1f} GiB**", (line, want)
+        if lay.offload_optimizer:
+            assert f"({mem['host'] / 2**30:.1f} GiB CPU per rank)" in line
 
 
 @pytest.mark.slow

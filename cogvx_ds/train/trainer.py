@@ -101,8 +101,8 @@ def build_engine(cfg: Config, ds_config: dict, resuming: bool = False, init: tup
     if zero3:
         # Gather each expert block's parameters as one unit: ZeRO-3 then hooks the blocks, not every linear and
         # norm inside them (one all-gather per block, and far less Python per step: the demo's HQ stage, SP=2,
-        # trains 1.19x faster with the same losses). One block's parameters (about 120M for 5B) are all that is
-        # gathered at a time beyond the prefetch.
+        # trains 1.19x faster with the same losses). A block's parameters are 132M for 5B; how many blocks stay
+        # gathered at once (8 at the shipped max live parameters / reuse distance): perf_model.zero3_gathered_numel.
         from deepspeed.utils import set_z3_leaf_modules
 
         from cogvx_ds.models.dit.layers import ExpertBlock
