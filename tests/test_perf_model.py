@@ -25,7 +25,10 @@ from cogvx_ds.perf_model import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-ACT_TOL = 0.05  # analytic vs measured activation bytes; observed within 2% (what is left: O(width) vectors)
+# analytic vs measured activation bytes: observed within 1% with checkpointing and with the tiled kernel, 1.04-1.05x
+# without checkpointing on SDPA (the CPU path's token-major copy of the attention output, which GPUs do not make and
+# the model leaves out)
+ACT_TOL = 0.06
 
 
 def _model(kind="model/tiny", **changes):
@@ -104,8 +107,9 @@ def test_activation_bytes_match_measured(dtype, rope, ckpt, kernel, gelu):
     # output copied for the projection, see _layer_saved) does not shrink when the GELU outputs go
     full = activation_bytes(m, m.max_text_seq_length, f * h * w // 4, dtype_bytes=dtype.itemsize,
                             checkpointing=ckpt, attention=kernel)["stored"]
-    assert saved == pytest.approx(expected, abs=ACT_TOL * full)
-    assert live == pytest.approx(expected, abs=ACT_TOL * full)
+    tol = ACT_TOL if kernel == "sdpa" and not ckpt else 0.015  # the copy above exists only there
+    assert saved == pytest.approx(expected, abs=tol * full)
+    assert live == pytest.approx(expected, abs=tol * full)
 
 
 def test_memory_model_bookkeeping():
