@@ -145,16 +145,16 @@ def _is_large(name: str, shapes) -> bool:
     return min(a[-2], a[-1], b[-1]) >= 256
 
 
-def op_breakdown(fn, steps: int = 3) -> dict:
+def op_breakdown(fn, steps: int = 3, peak_dtype: torch.dtype = torch.float32) -> dict:
     """Profile `fn` (e.g. forward + backward) `steps` times: self time (ms, wall) per op category, and the matmul
-    ops' achieved GFLOP/s (FLOPs from the recorded shapes over their kernel time) as a percentage of the fp32
-    matmul peak measured (wall clock) right before each profiled call, for all matmuls and for the large ones
-    (see `_is_large`). Medians over the calls."""
+    ops' achieved GFLOP/s (FLOPs from the recorded shapes over their kernel time) as a percentage of the matmul
+    peak in `peak_dtype` (the dtype the matmuls run in) measured (wall clock) right before each profiled call, for
+    all matmuls and for the large ones (see `_is_large`). Medians over the calls."""
     from torch.profiler import ProfilerActivity, profile
 
     per_call = []
     for _ in range(steps):
-        peak = matmul_peak_gflops(torch.float32, reps=3)
+        peak = matmul_peak_gflops(peak_dtype, reps=3)
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             fn()
         ms: dict[str, float] = {}
@@ -173,8 +173,9 @@ def op_breakdown(fn, steps: int = 3) -> dict:
     cats = sorted({c for ms, *_ in per_call for c in ms})
     ms = {c: median([m.get(c, 0.0) for m, *_ in per_call]) for c in cats}
     return {"ms": ms, "total_ms": sum(ms.values()), "peak_gflops": median([p for _, _, p, _ in per_call]),
+            "peak_dtype": str(peak_dtype).replace("torch.", ""),
             "linear_gflops": median([g[0] for _, g, _, _ in per_call]),
-            "linear_pct_of_fp32_peak": median([100 * g[0] / p for _, g, p, _ in per_call]),
+            "linear_pct_of_peak": median([100 * g[0] / p for _, g, p, _ in per_call]),
             "large_linear_gflops": median([g[1] for _, g, _, _ in per_call]),
-            "large_linear_pct_of_fp32_peak": median([100 * g[1] / p for _, g, p, _ in per_call]),
+            "large_linear_pct_of_peak": median([100 * g[1] / p for _, g, p, _ in per_call]),
             "large_linear_flop_share": median([s for *_, s in per_call])}

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     if dit.is_file():
         lines += ["## DiT training step (forward + backward + AdamW), ours vs diffusers, interleaved", "",
                   "| dtype | ours | tokens | ours s | diffusers s | diffusers/ours | middle half of rounds | tokens/s "
-                  "| model % of fp32 peak | matmuls % of peak | large matmuls % of peak |",
+                  "| model % of peak | matmuls % of peak | large matmuls % of peak |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in json.loads(dit.read_text())["rows"]:
             lin = " | ".join(f"{r[k]:.0f}%" if k in r else "-" for k in ("linear_pct_peak", "large_linear_pct_peak"))
