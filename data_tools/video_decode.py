@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +96,30 @@ class VideoInfo:
     height: int  # as displayed (after the file's rotation)
     width: int
     quarter_turns: int = 0  # PyAV: counter-clockwise quarter turns that display the decoded frames upright
+    # presentation time of every frame in seconds from the first (ascending), where the container says; plan_clips
+    # selects frames by time when they are off the num_frames / fps grid (variable frame rate)
+    timestamps: tuple[float, ...] | None = field(default=None, compare=False, repr=False)
+
+
+def _vfr_times(info: VideoInfo) -> np.ndarray | None:
+    """The frame times of a variable-frame-rate video (some frame more than half a frame off i / fps), else None
+    (constant frame rate: frame index arithmetic, exact)."""
+    t = info.timestamps
+    if t is None or len(t) != info.num_frames or info.num_frames < 2:
+        return None
+    t = np.asarray(t, dtype=np.float64)
+    t = t - t[0]
+    if np.any(np.diff(t) <= 0) or np.max(np.abs(t - np.arange(len(t)) / info.fps)) <= 0.5 / info.fps:
+        return None
+    return t
+
+
+def _timestamps(times, count: int) -> tuple[float, ...] | None:
+    """Sorted presentation times (s) from the first, if there is one per frame."""
+    times = sorted(times)
+    if len(times) != count or count < 2:
+        return None
+    return tuple(float(x - times[0]) for x in times)
 
 
 @dataclass(frozen=True)
@@ -117,6 +141,9 @@ def plan_clips(info: VideoInfo, buckets: Sequence[Bucket], target_fps: float | N
     if info.num_frames < 1 or info.fps <= 0:
         raise BadInput("unreadable", f"no frames or no frame rate (frames={info.num_frames}, fps={info.fps})")
     fps = target_fps or info.fps
+    times = _vfr_times(info)
+    if times is not None:
+        return _plan_clips_by_time(info, times, buckets, fps, clips_per_video, start_s, end_s)
     first = math.ceil(start_s * info.fps - _EPS) if start_s else 0
     stop = min(info.num_frames, math.floor(end_s * info.fps + _EPS)) if end_s is not None else info.num_frames
     if first >= stop:
@@ -136,6 +163,41 @@ def plan_clips(info: VideoInfo, buckets: Sequence[Bucket], target_fps: float | N
     for s in starts:
         idx = tuple(min(stop - 1, first + math.floor((s + j) * step + _EPS)) for j in range(bucket.frames))
         plans.append(ClipPlan(bucket, idx, fps, idx[0] / info.fps, (idx[-1] + 1) / info.fps))
+    return plans
+
+
+def _plan_clips_by_time(info: VideoInfo, t: np.ndarray, buckets: Sequence[Bucket], fps: float, clips_per_video: int,
+                        start_s: float | None, end_s: float | None) -> list[ClipPlan]:
+    """plan_clips for a variable frame rate: output frame j of the range, at time t0 + j / fps, shows the last
+    source frame shown by then (index arithmetic at the average rate would play slow and fast stretches at the
+    wrong speed, and map a [start, end) range onto other frames)."""
+    n = info.num_frames
+    last = float(t[-1] - t[-2])  # the last frame lasts as long as the one before it
+    video_end = float(t[-1]) + last
+    first = int(np.searchsorted(t, start_s - _EPS, side="left")) if start_s else 0
+    t_stop = min(end_s, video_end) if end_s is not None else video_end
+    stop = int(np.searchsorted(t, t_stop - _EPS, side="left"))
+    if first >= stop:
+        raise BadInput("bad_clip_range", f"clip range [{start_s}, {end_s}) s holds no frame of a {n}-frame video "
+                                         f"of {video_end:g} s")
+    t0 = float(t[first])
+    available = max(1, math.ceil((t_stop - t0) * fps - _EPS))
+    bucket = choose_bucket(buckets, info.height, info.width, available, is_image=False)
+    if bucket is None:
+        need = min((b.frames for b in buckets if b.frames > 1), default=None)
+        raise BadInput("too_few_frames", f"{available} frames at {fps:g} fps ({stop - first} source frames over "
+                                         f"{t_stop - t0:g} s, variable frame rate); the smallest video bucket needs "
+                                         f"{need}")
+    fit = available // bucket.frames
+    count = fit if clips_per_video <= 0 else min(clips_per_video, fit)
+    starts = [0] if count == 1 else [round(k * (available - bucket.frames) / (count - 1)) for k in range(count)]
+    plans = []
+    for s in starts:
+        shown = t0 + (s + np.arange(bucket.frames)) / fps
+        idx = np.clip(np.searchsorted(t, shown + _EPS, side="right") - 1, first, stop - 1)
+        idx = tuple(int(i) for i in idx)
+        end = float(t[idx[-1] + 1]) if idx[-1] + 1 < n else video_end
+        plans.append(ClipPlan(bucket, idx, fps, float(t[idx[0]]), end))
     return plans
 
 
@@ -189,7 +251,11 @@ def _decord_read(path: Path, choose: Callable[[VideoInfo], list[ClipPlan]], tran
     first = reader[0].asnumpy()
     if first.ndim != 3 or first.shape[2] != 3:
         raise RuntimeError(f"decord returned a frame of shape {first.shape}")  # known 0.6.0 mis-read
-    info = VideoInfo(len(reader), float(reader.get_avg_fps()), first.shape[0], first.shape[1])
+    try:
+        times = _timestamps(reader.get_frame_timestamp(range(len(reader)))[:, 0].tolist(), len(reader))
+    except Exception:  # no usable timestamps: index arithmetic at the average rate
+        times = None
+    info = VideoInfo(len(reader), float(reader.get_avg_fps()), first.shape[0], first.shape[1], timestamps=times)
     del first
     if info.num_frames < 1 or not info.fps > 0:
         raise RuntimeError(f"decord reports {info.num_frames} frames at {info.fps} fps")  # let PyAV try
@@ -254,13 +320,14 @@ def _pyav_info(path: Path) -> VideoInfo:
             raise RuntimeError("no video stream (truncated, audio-only or not a video)")
         stream = container.streams.video[0]
         fps = float(stream.average_rate or stream.guessed_rate or stream.base_rate or 0)
-        count = stream.frames or sum(1 for p in container.demux(stream) if p.size)  # header, else packets
+        pts = [p.pts * p.time_base for p in container.demux(stream) if p.size and p.pts is not None]
+        count = stream.frames or len(pts)  # header, else packets
         height, width = stream.codec_context.height, stream.codec_context.width
     with av.open(str(path)) as container:
         turns = _quarter_turns(container)
     if turns % 2:
         height, width = width, height
-    return VideoInfo(count, fps, height, width, turns)
+    return VideoInfo(count, fps, height, width, turns, timestamps=_timestamps(pts, count))
 
 
 def _pyav_read(path: Path, choose: Callable[[VideoInfo], list[ClipPlan]], transform: Transform | None):
@@ -268,7 +335,8 @@ def _pyav_read(path: Path, choose: Callable[[VideoInfo], list[ClipPlan]], transf
     plans = choose(info)
     clips, decoded = _pyav_decode(path, plans, transform, info.quarter_turns)
     if clips is None:  # the header promised more frames than the file holds (truncated)
-        info = VideoInfo(decoded, info.fps, info.height, info.width, info.quarter_turns)
+        info = VideoInfo(decoded, info.fps, info.height, info.width, info.quarter_turns,
+                         timestamps=info.timestamps[:decoded] if info.timestamps else None)
         plans = choose(info)
         clips, _ = _pyav_decode(path, plans, transform, info.quarter_turns)
         if clips is None:

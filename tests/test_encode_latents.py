@@ -500,3 +500,46 @@ def test_pyav_turns_rotated_videos_upright_as_decord_does(tmp_path):
         clips[backend] = got[0].astype(float)
         assert clips[backend][:, :28].mean() > 240 and clips[backend][:, 36:].mean() < 15  # white on top
     assert np.abs(clips["decord"] - clips["pyav"]).mean() < 2
+
+
+def _write_vfr_mp4(path, durations_ms):
+    """An H.264 mp4 whose frame k (flat grey 6k) lasts durations_ms[k]: a variable frame rate."""
+    from fractions import Fraction
+
+    import av
+
+    with av.open(str(path), "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=15)
+        s.width, s.height, s.pix_fmt = 32, 32, "yuv420p"
+        s.codec_context.time_base = Fraction(1, 1000)
+        s.options = {"threads": "1", "bf": "0", "x264-params": "mbtree=0"}
+        t = 0
+        for k, ms in enumerate(durations_ms):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 6 * k, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = t, Fraction(1, 1000)
+            t += ms
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def test_variable_frame_rate_videos_are_sampled_by_time(tmp_path):
+    """20 frames at 10 fps then 20 at 40 fps (average 15.7): at --fps 8 output frame j shows the source frame on
+    screen at j / 8 s, in both decoders; index arithmetic at the average rate played the first part at 5 fps and
+    mapped a [start, end) range (a dense caption's segment) onto other frames. Constant-rate videos keep the index
+    arithmetic (test_plan_clips_resamples_fps_and_spaces_clips)."""
+    from data_tools.video_decode import read_clips
+
+    _write_vfr_mp4(tmp_path / "vfr.mp4", [100] * 20 + [25] * 20)
+    buckets = parse_buckets("32x32x9")
+    for backend in ("decord", "pyav"):
+        info, plans, clips, _ = read_clips(tmp_path / "vfr.mp4", lambda i: plan_clips(i, buckets, 8.0, 0), backend)
+        assert info.num_frames == 40 and [p.indices for p in plans] == [
+            (0, 1, 2, 3, 5, 6, 7, 8, 10), (13, 15, 16, 17, 18, 20, 25, 30, 35)], backend
+        assert (plans[0].start_s, plans[0].end_s) == pytest.approx((0.0, 1.1))
+        shown = [[round(int(f[16, 16, 0]) / 6) for f in clip] for clip in clips]  # grey level = frame number
+        assert shown == [list(p.indices) for p in plans], backend
+        _, (ranged,), _, _ = read_clips(tmp_path / "vfr.mp4",
+                                        lambda i: plan_clips(i, buckets, 8.0, 1, start_s=1.0, end_s=2.5), backend)
+        assert ranged.indices == (10, 11, 12, 13, 15, 16, 17, 18, 20) and ranged.start_s == pytest.approx(1.0)
