@@ -117,7 +117,14 @@ def _pick(record: dict, names: tuple[str, ...]):
     return next((record[n] for n in names if record.get(n) not in (None, "")), None)
 
 
-def _manifest_rows(path: Path) -> Iterator[tuple[str, dict | None]]:
+# How a JSONL manifest is cut into lines. 2: at "\n" only, as JSONL is defined (json.dumps(ensure_ascii=False)
+# writes U+2028, U+0085, \x0b-\x0c and \x1c-\x1e raw inside captions). 1: at every str.splitlines break, which cut
+# such a record in two bad lines; folders whose encode_plan.json has no "listing" were read so, and are re-read so
+# (their listing hash holds).
+LISTING_VERSION = 2
+
+
+def _manifest_rows(path: Path, listing: int = LISTING_VERSION) -> Iterator[tuple[str, dict | None]]:
     """(where, record or None) per non-empty line, read as a stream (a manifest may list millions of inputs)."""
     # utf-8-sig: UTF-8 with or without the byte-order mark that Excel's "CSV UTF-8" and some editors write (read
     # as text, it would be part of the first column name or the first record), whatever the locale says
@@ -125,8 +132,8 @@ def _manifest_rows(path: Path) -> Iterator[tuple[str, dict | None]]:
         if path.suffix == ".csv":
             yield from ((f"{path}:{n}", r) for n, r in enumerate(csv.DictReader(f), start=2))
             return
-        # str.splitlines' line breaks (U+2028, \x0c, ...), as when the whole text was split: same items, same hash
-        for n, line in enumerate((part for raw in f for part in (raw.splitlines() or [""])), start=1):
+        lines = (part for raw in f for part in (raw.splitlines() or [""])) if listing == 1 else f
+        for n, line in enumerate(lines, start=1):
             if line.strip():
                 try:
                     record = json.loads(line)
@@ -135,8 +142,8 @@ def _manifest_rows(path: Path) -> Iterator[tuple[str, dict | None]]:
                 yield f"{path}:{n}", record if isinstance(record, dict) else None
 
 
-def _manifest_items(path: Path) -> Iterator[InputItem]:
-    for i, (where, r) in enumerate(_manifest_rows(path)):
+def _manifest_items(path: Path, listing: int = LISTING_VERSION) -> Iterator[InputItem]:
+    for i, (where, r) in enumerate(_manifest_rows(path, listing)):
         if r is None:
             yield InputItem(i, where, None, None, error=("bad_manifest_line", f"{where}: not a JSON object"))
             continue
@@ -177,16 +184,17 @@ def _folder_items(folder: Path) -> Iterator[InputItem]:
         yield _make_item(i, folder, p.relative_to(folder).as_posix(), caption, where=str(sidecar))
 
 
-def iter_inputs(input_path: str | Path, prompts: str | Path | None = None) -> Iterator[InputItem]:
+def iter_inputs(input_path: str | Path, prompts: str | Path | None = None,
+                listing: int = LISTING_VERSION) -> Iterator[InputItem]:
     """The inputs in a fixed order (their index decides shard and key), as a stream; a bad --input fails here,
-    a videos.txt / prompts.txt length mismatch at the end of the stream."""
+    a videos.txt / prompts.txt length mismatch at the end of the stream. `listing`: see LISTING_VERSION."""
     path = Path(input_path)
     if path.is_dir():
         return _folder_items(path)
     if not path.is_file():
         raise FileNotFoundError(f"--input: {path} does not exist")
     if path.suffix in (".jsonl", ".csv"):
-        return _manifest_items(path)
+        return _manifest_items(path, listing)
     if path.suffix == ".txt":
         return _list_items(path, Path(prompts) if prompts else None)
     raise ValueError(f"--input: {path} must be a folder, a .jsonl/.csv manifest or a videos.txt list")
@@ -198,13 +206,13 @@ def load_inputs(input_path: str | Path, prompts: str | Path | None = None) -> li
 
 
 def read_inputs(input_path: str | Path, prompts: str | Path | None, inputs_per_shard: int, rank: int, world: int,
-                progress: bool = False) -> tuple[int, str, dict[int, InputItem]]:
+                progress: bool = False, listing: int = LISTING_VERSION) -> tuple[int, str, dict[int, InputItem]]:
     """One pass over the inputs: (how many, the sha256 of the whole listing, this worker's inputs by index).
     Only this worker's are kept: at 10M inputs with dense captions, the whole list is about 15 GB per worker."""
     from tqdm import tqdm
 
     listing, mine, count = hashlib.sha256(b"["), {}, 0
-    for item in tqdm(iter_inputs(input_path, prompts), desc="reading inputs", unit=" inputs", disable=not progress,
+    for item in tqdm(iter_inputs(input_path, prompts, listing), desc="reading inputs", unit=" inputs", disable=not progress,
                      mininterval=2):
         # the bytes of json.dumps([[source, caption, start, end], ...]), fed item by item
         listing.update((b", " if count else b"") + json.dumps([item.source, item.caption, item.start, item.end]).encode())
@@ -281,9 +289,9 @@ def _check_model_paths(args) -> None:
             raise FileNotFoundError(f"--text-encoder: {e}") from None
 
 
-def plan_record(args, inputs_sha256: str, plan: ShardPlan) -> dict:
+def plan_record(args, inputs_sha256: str, plan: ShardPlan, listing: int = LISTING_VERSION) -> dict:
     """What decides the output: a re-run (or another worker) with different values would mix two datasets."""
-    return {"inputs_sha256": inputs_sha256, "num_inputs": plan.num_inputs,
+    return {"inputs_sha256": inputs_sha256, "num_inputs": plan.num_inputs, "listing": listing,
             "inputs_per_shard": plan.inputs_per_shard, "num_shards": plan.num_shards,
             "buckets": [b.label for b in args.buckets], "fps": args.fps, "clips_per_video": args.clips_per_video,
             "latent_dtype": args.latent_dtype, "vae": str(Path(args.vae).resolve()),
@@ -294,7 +302,7 @@ def plan_record(args, inputs_sha256: str, plan: ShardPlan) -> dict:
 def check_or_write_plan(out: Path, record: dict) -> None:
     path = out / PLAN_NAME
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = {"listing": 1, **json.loads(path.read_text())}  # plans before the key: read by the first rule
         diff = {k: (old.get(k), v) for k, v in record.items() if old.get(k) != v}
         if diff:
             raise ValueError(f"{path}: this folder was encoded with other settings ({diff}, as (was, now)); "
@@ -617,12 +625,14 @@ def run(args) -> dict:
     rank, world = detect_rank(args.rank, args.world_size)
     out.mkdir(parents=True, exist_ok=True)
     per_shard = max(1, args.samples_per_shard // max(args.clips_per_video, 1))
+    plan_file = out / PLAN_NAME  # a folder started before LISTING_VERSION 2 goes on reading its inputs as it did
+    listing = json.loads(plan_file.read_text()).get("listing", 1) if plan_file.is_file() else LISTING_VERSION
     count, inputs_sha256, items = read_inputs(args.input, args.prompts, per_shard, rank, world,
-                                              progress=not args.no_progress)
+                                              progress=not args.no_progress, listing=listing)
     if not count:
         raise ValueError(f"--input: no inputs found in {args.input}")
     plan = ShardPlan(count, per_shard)
-    check_or_write_plan(out, plan_record(args, inputs_sha256, plan))
+    check_or_write_plan(out, plan_record(args, inputs_sha256, plan, listing))
     owned = plan.owned(rank, world)
     todo = [k for k in owned if not (out / f"{shard_name(k)}.tar").is_file()]
     stats = Stats(shards_skipped=len(owned) - len(todo))

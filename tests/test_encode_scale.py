@@ -30,8 +30,8 @@ def test_streamed_inputs_keep_the_listing_hash_and_only_this_workers_share(tmp_p
     records = [{"path": f"v{i}.mp4", "caption": f"clip {i} \u00e9\"q\"", "start": i % 3 or None} for i in range(23)]
     records[5] = {"caption": "no path"}
     inputs = {"jsonl": write_jsonl(tmp_path / "m.jsonl", records)}
-    # a raw U+2028 (json.dumps(ensure_ascii=False)) breaks a line for str.splitlines, as the list was read before:
-    # two bad lines, as then, so that the items, their indices and the listing hash stay those of earlier runs
+    # a raw U+2028 (json.dumps(ensure_ascii=False)) is inside a record: one good record (listing 2); listing 1, what
+    # folders encoded before keep using, cut it in two bad lines, as str.splitlines does
     odd = json.dumps({"path": "u.mp4", "caption": "a\u2028b"}, ensure_ascii=False)
     (tmp_path / "m.jsonl").write_text((tmp_path / "m.jsonl").read_text() + "not json\n" + odd + "\n")
     (tmp_path / "m.csv").write_text("path,caption,start\n" + "".join(f"v{i}.mp4,c {i},{i}\n" for i in range(9)))
@@ -39,7 +39,9 @@ def test_streamed_inputs_keep_the_listing_hash_and_only_this_workers_share(tmp_p
     (tmp_path / "videos.txt").write_text("".join(f"v{i}.mp4\n" if i != 4 else "\n" for i in range(12)))
     (tmp_path / "prompts.txt").write_text("".join(f"p {i}\n" for i in range(12)) + "\n\n")
     inputs["txt"] = tmp_path / "videos.txt"
-    assert [i.error[0] for i in el.load_inputs(inputs["jsonl"])[-3:]] == ["bad_manifest_line"] * 3
+    assert [i.error[0] for i in list(el.iter_inputs(inputs["jsonl"], listing=1))[-3:]] == ["bad_manifest_line"] * 3
+    tail = el.load_inputs(inputs["jsonl"])[-2:]
+    assert tail[0].error[0] == "bad_manifest_line" and tail[1].error is None and tail[1].caption == "a\u2028b"
     for name, path in inputs.items():
         items = el.load_inputs(path)
         for world, rank in ((1, 0), (3, 1)):
@@ -219,3 +221,19 @@ def test_byte_order_marks_bad_ranges_and_a_lone_rank(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--rank and --world-size go together"):
         el.detect_rank(2, None)
     assert el.detect_rank(2, 4) == (2, 4)
+
+
+def test_folders_encoded_before_listing_2_keep_reading_their_inputs_as_they_did(tmp_path):
+    """encode_plan.json records how the manifest was cut into lines; a plan from before the key was read at every
+    str.splitlines break (listing 1), and a re-run reads it so again, so its listing hash still matches."""
+    import types
+
+    args = types.SimpleNamespace(buckets=[], fps=8.0, clips_per_video=1, latent_dtype="bf16", vae=str(tmp_path),
+                                 text_encoder=None, text_max_length=226)
+    plan = el.ShardPlan(5, 2)
+    old = el.plan_record(args, "abc", plan, listing=1)
+    del old["listing"]
+    (tmp_path / el.PLAN_NAME).write_text(json.dumps(old))
+    el.check_or_write_plan(tmp_path, el.plan_record(args, "abc", plan, listing=1))  # the same plan
+    with pytest.raises(ValueError, match="'listing': \\(1, 2\\)"):
+        el.check_or_write_plan(tmp_path, el.plan_record(args, "abc", plan, listing=2))
