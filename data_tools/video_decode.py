@@ -96,6 +96,9 @@ class VideoInfo:
     height: int  # as displayed (after the file's rotation)
     width: int
     quarter_turns: int = 0  # PyAV: counter-clockwise quarter turns that display the decoded frames upright
+    # pixel aspect ratio (anamorphic video: stored pixels wider or narrower than square); height/width above are the
+    # displayed size, to which the decoded frames are stretched before the caller's transform
+    sample_aspect: float = 1.0
     # presentation time of every frame in seconds from the first (ascending), where the container says; plan_clips
     # selects frames by time when they are off the num_frames / fps grid (variable frame rate)
     timestamps: tuple[float, ...] | None = field(default=None, compare=False, repr=False)
@@ -244,6 +247,43 @@ def _stream_clips(plans: list[ClipPlan], fetch: Callable[[list[int]], dict[int, 
     return clips
 
 
+def _sample_aspect(path: Path) -> float:
+    """The stream's pixel aspect ratio from the container header (1 where it says none); decord does not apply it."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+    except Exception:
+        return 1.0
+    return float(sar) if sar and sar > 0 else 1.0
+
+
+def _displayed(height: int, width: int, sar: float, turns: int) -> tuple[int, int]:
+    """(height, width) as shown, from the decoded frames' (already upright) size: the stored x axis, stretched by the
+    pixel aspect ratio, is the shown width, or the shown height after a quarter turn."""
+    if sar == 1.0:
+        return height, width
+    if turns % 2:
+        return max(1, round(height * sar)), width
+    return height, max(1, round(width * sar))
+
+
+def _stretched(transform: Transform | None, info: VideoInfo) -> Transform | None:
+    """`transform` applied to clips stretched to the displayed size (anamorphic video), or `transform` itself."""
+    if info.sample_aspect == 1.0:
+        return transform
+
+    def stretch(clip, plan):
+        x = torch.as_tensor(np.ascontiguousarray(clip)).permute(0, 3, 1, 2).float()
+        x = F.interpolate(x, size=(info.height, info.width), mode="bilinear", antialias=True, align_corners=False)
+        clip = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return transform(clip, plan) if transform else clip
+
+    return stretch
+
+
 def _decord_read(path: Path, choose: Callable[[VideoInfo], list[ClipPlan]], transform: Transform | None):
     import decord
 
@@ -255,7 +295,16 @@ def _decord_read(path: Path, choose: Callable[[VideoInfo], list[ClipPlan]], tran
         times = _timestamps(reader.get_frame_timestamp(range(len(reader)))[:, 0].tolist(), len(reader))
     except Exception:  # no usable timestamps: index arithmetic at the average rate
         times = None
-    info = VideoInfo(len(reader), float(reader.get_avg_fps()), first.shape[0], first.shape[1], timestamps=times)
+    stored = first.shape[:2]  # decord turns frames upright; the pixel aspect ratio it leaves to us
+    sar = _sample_aspect(path)
+    turns = 0
+    if sar != 1.0:  # which way the stored x axis is shown
+        import av
+
+        with av.open(str(path)) as container:
+            turns = _quarter_turns(container)
+    info = VideoInfo(len(reader), float(reader.get_avg_fps()), *_displayed(*stored, sar, turns), timestamps=times,
+                     sample_aspect=sar)
     del first
     if info.num_frames < 1 or not info.fps > 0:
         raise RuntimeError(f"decord reports {info.num_frames} frames at {info.fps} fps")  # let PyAV try
@@ -263,12 +312,12 @@ def _decord_read(path: Path, choose: Callable[[VideoInfo], list[ClipPlan]], tran
 
     def fetch(indices):
         batch = reader.get_batch(indices).asnumpy()
-        if batch.shape != (len(indices), info.height, info.width, 3) or batch.dtype != np.uint8:
+        if batch.shape != (len(indices), *stored, 3) or batch.dtype != np.uint8:
             raise RuntimeError(f"decord returned a batch of shape {batch.shape}, expected "
-                               f"{(len(indices), info.height, info.width, 3)}")
+                               f"{(len(indices), *stored, 3)}")
         return dict(zip(indices, batch))
 
-    clips = _stream_clips(plans, fetch, transform)
+    clips = _stream_clips(plans, fetch, _stretched(transform, info))
     if clips is None:
         raise RuntimeError("decord returned fewer frames than asked for")
     return info, plans, clips
@@ -320,6 +369,8 @@ def _pyav_info(path: Path) -> VideoInfo:
             raise RuntimeError("no video stream (truncated, audio-only or not a video)")
         stream = container.streams.video[0]
         fps = float(stream.average_rate or stream.guessed_rate or stream.base_rate or 0)
+        sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+        sar = float(sar) if sar and sar > 0 else 1.0
         pts = [p.pts * p.time_base for p in container.demux(stream) if p.size and p.pts is not None]
         count = stream.frames or len(pts)  # header, else packets
         height, width = stream.codec_context.height, stream.codec_context.width
@@ -327,18 +378,20 @@ def _pyav_info(path: Path) -> VideoInfo:
         turns = _quarter_turns(container)
     if turns % 2:
         height, width = width, height
-    return VideoInfo(count, fps, height, width, turns, timestamps=_timestamps(pts, count))
+    return VideoInfo(count, fps, *_displayed(height, width, sar, turns), turns, timestamps=_timestamps(pts, count),
+                     sample_aspect=sar)
 
 
 def _pyav_read(path: Path, choose: Callable[[VideoInfo], list[ClipPlan]], transform: Transform | None):
     info = _pyav_info(path)
     plans = choose(info)
-    clips, decoded = _pyav_decode(path, plans, transform, info.quarter_turns)
+    clips, decoded = _pyav_decode(path, plans, _stretched(transform, info), info.quarter_turns)
     if clips is None:  # the header promised more frames than the file holds (truncated)
         info = VideoInfo(decoded, info.fps, info.height, info.width, info.quarter_turns,
-                         timestamps=info.timestamps[:decoded] if info.timestamps else None)
+                         timestamps=info.timestamps[:decoded] if info.timestamps else None,
+                         sample_aspect=info.sample_aspect)
         plans = choose(info)
-        clips, _ = _pyav_decode(path, plans, transform, info.quarter_turns)
+        clips, _ = _pyav_decode(path, plans, _stretched(transform, info), info.quarter_turns)
         if clips is None:
             raise BadInput("decode_error", f"{path}: only {decoded} frames could be decoded")
     return info, plans, clips

@@ -73,6 +73,22 @@ def read_samples(out) -> dict:
     return {s.key: s for path in resolve_shards([str(out)]) for s in iter_shard(path)}
 
 
+def displayed(path, frames: np.ndarray) -> np.ndarray:
+    """Frames stretched to their shown shape where the file's pixels are not square (the carphone samples' pixel
+    aspect ratio is 128/117: 176x144 stored, shown 193 wide)."""
+    import av
+    import torch.nn.functional as F
+
+    with av.open(str(path)) as c:
+        sar = c.streams.video[0].sample_aspect_ratio
+    if not sar or sar == 1:
+        return frames
+    h, w = frames.shape[1:3]
+    x = torch.as_tensor(frames).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(h, round(w * float(sar))), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
 def pyav_frames(path, indices) -> np.ndarray:
     """Independent reference decode: PyAV, every frame in order, keep the wanted ones."""
     import av
@@ -227,7 +243,7 @@ def test_stored_mean_equals_direct_encoding(real_run, vae):
 
             frames = np.asarray(Image.open(source).convert("RGB"))[None]
         else:
-            frames = pyav_frames(source, s.meta["clip"]["frame_indices"])
+            frames = displayed(source, pyav_frames(source, s.meta["clip"]["frame_indices"]))
         clip = resize_center_crop(frames, s.meta["height"], s.meta["width"])
         with torch.no_grad():
             mean, logvar = vae.encode(clip.permute(1, 0, 2, 3)[None].float() / 127.5 - 1)
@@ -543,3 +559,33 @@ def test_variable_frame_rate_videos_are_sampled_by_time(tmp_path):
         _, (ranged,), _, _ = read_clips(tmp_path / "vfr.mp4",
                                         lambda i: plan_clips(i, buckets, 8.0, 1, start_s=1.0, end_s=2.5), backend)
         assert ranged.indices == (10, 11, 12, 13, 15, 16, 17, 18, 20) and ranged.start_s == pytest.approx(1.0)
+
+
+def test_anamorphic_videos_are_stretched_to_their_displayed_shape(tmp_path):
+    """A video whose pixels are twice as wide as tall (sample aspect ratio 2, as DV and broadcast formats store
+    them) shows 32x32 stored pixels as 32x64: both decoders report the displayed size, so it takes the 32x64
+    bucket, and hand out frames stretched to it (it was encoded squeezed, in a square bucket)."""
+    from fractions import Fraction
+
+    import av
+
+    from data_tools.video_decode import read_clips
+
+    with av.open(str(tmp_path / "sar.mp4"), "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=8)
+        s.width, s.height, s.pix_fmt = 32, 32, "yuv420p"
+        s.codec_context.sample_aspect_ratio = Fraction(2, 1)
+        s.options = {"threads": "1", "x264-params": "mbtree=0"}
+        stored = np.zeros((32, 32, 3), np.uint8)
+        stored[:, :16] = 255  # left half white
+        for _ in range(9):
+            for p in s.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    buckets = parse_buckets("32x64x9,32x32x9")
+    for backend in ("decord", "pyav"):
+        info, plans, clips, _ = read_clips(tmp_path / "sar.mp4", lambda i: plan_clips(i, buckets, None, 1), backend)
+        assert (info.height, info.width, info.sample_aspect) == (32, 64, 2.0) and plans[0].bucket == Bucket(32, 64, 9)
+        clip = clips[0].astype(float)
+        assert clip.shape == (9, 32, 64, 3) and clip[:, :, :28].mean() > 245 and clip[:, :, 36:].mean() < 10, backend
