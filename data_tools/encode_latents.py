@@ -7,7 +7,7 @@ Inputs (--input):
 Images become 1-frame samples.
 
 Per video: decode (decord, PyAV where decord fails or mis-reads), resample to --fps, pick the bucket nearest in
-aspect ratio that the video has enough frames for, cut --clips-per-video evenly spaced 4k+1-frame clips,
+aspect ratio that the video has enough frames for, cut --clips-per-video evenly spaced clips of its 8j+1 frames,
 resize + centre-crop, encode with the VAE (chunked in time), and store posterior mean + logvar (+ optional
 text embeddings) with metadata in webdataset shards (see cogvx_ds/data/shards.py).
 
@@ -117,18 +117,22 @@ def _pick(record: dict, names: tuple[str, ...]):
     return next((record[n] for n in names if record.get(n) not in (None, "")), None)
 
 
-# How a JSONL manifest is cut into lines. 2: at "\n" only, as JSONL is defined (json.dumps(ensure_ascii=False)
-# writes U+2028, U+0085, \x0b-\x0c and \x1c-\x1e raw inside captions). 1: at every str.splitlines break, which cut
-# such a record in two bad lines; folders whose encode_plan.json has no "listing" were read so, and are re-read so
-# (their listing hash holds).
+# How input lists are read. 2: UTF-8 with or without a byte-order mark (Excel's "CSV UTF-8" and some editors write
+# one: read as text it became part of the first column name, record or caption), and a JSONL manifest cut into
+# lines at "\n" only, as JSONL is defined (json.dumps(ensure_ascii=False) writes U+2028, U+0085, \x0b-\x0c and
+# \x1c-\x1e raw inside captions). 1: plain UTF-8, and JSONL cut at every str.splitlines break, which split such a
+# record in two bad lines; folders whose encode_plan.json has no "listing" were read so, and are re-read so (their
+# listing hash holds).
 LISTING_VERSION = 2
+
+
+def _encoding(listing: int) -> str:
+    return "utf-8-sig" if listing >= 2 else "utf-8"
 
 
 def _manifest_rows(path: Path, listing: int = LISTING_VERSION) -> Iterator[tuple[str, dict | None]]:
     """(where, record or None) per non-empty line, read as a stream (a manifest may list millions of inputs)."""
-    # utf-8-sig: UTF-8 with or without the byte-order mark that Excel's "CSV UTF-8" and some editors write (read
-    # as text, it would be part of the first column name or the first record), whatever the locale says
-    with open(path, newline="" if path.suffix == ".csv" else None, encoding="utf-8-sig") as f:
+    with open(path, newline="" if path.suffix == ".csv" else None, encoding=_encoding(listing)) as f:
         if path.suffix == ".csv":
             yield from ((f"{path}:{n}", r) for n, r in enumerate(csv.DictReader(f), start=2))
             return
@@ -151,18 +155,18 @@ def _manifest_items(path: Path, listing: int = LISTING_VERSION) -> Iterator[Inpu
                          _pick(r, ("caption", "text", "prompt")), r.get("start"), r.get("end"), where)
 
 
-def _list_items(videos: Path, prompts: Path | None) -> Iterator[InputItem]:
+def _list_items(videos: Path, prompts: Path | None, listing: int = LISTING_VERSION) -> Iterator[InputItem]:
     prompts = prompts or videos.with_name("prompts.txt")
     if not prompts.is_file():
         raise FileNotFoundError(f"--prompts: {prompts} not found (captions for {videos}, one per line)")
-    return _paired_lines(videos, prompts)
+    return _paired_lines(videos, prompts, listing)
 
 
-def _paired_lines(videos: Path, prompts: Path) -> Iterator[InputItem]:
+def _paired_lines(videos: Path, prompts: Path, listing: int = LISTING_VERSION) -> Iterator[InputItem]:
     """videos.txt and prompts.txt side by side, as streams; their lengths are compared at the end (blank lines
     count, trailing ones do not): a line added or lost on one side shifts every caption after it."""
     i = last_video = last_caption = 0
-    with open(videos, encoding="utf-8-sig") as fv, open(prompts, encoding="utf-8-sig") as fc:
+    with open(videos, encoding=_encoding(listing)) as fv, open(prompts, encoding=_encoding(listing)) as fc:
         for n, (line, caption) in enumerate(zip_longest(fv, fc), start=1):
             last_caption = n if caption is not None and caption.strip() else last_caption
             if line is not None and line.strip():
@@ -176,11 +180,11 @@ def _paired_lines(videos: Path, prompts: Path) -> Iterator[InputItem]:
                          f"be wrong")
 
 
-def _folder_items(folder: Path) -> Iterator[InputItem]:
+def _folder_items(folder: Path, listing: int = LISTING_VERSION) -> Iterator[InputItem]:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTS + IMAGE_EXTS)
     for i, p in enumerate(files):
         sidecar = p.with_suffix(".txt")
-        caption = sidecar.read_text(encoding="utf-8-sig", errors="replace") if sidecar.is_file() else None
+        caption = sidecar.read_text(encoding=_encoding(listing), errors="replace") if sidecar.is_file() else None
         yield _make_item(i, folder, p.relative_to(folder).as_posix(), caption, where=str(sidecar))
 
 
@@ -190,13 +194,13 @@ def iter_inputs(input_path: str | Path, prompts: str | Path | None = None,
     a videos.txt / prompts.txt length mismatch at the end of the stream. `listing`: see LISTING_VERSION."""
     path = Path(input_path)
     if path.is_dir():
-        return _folder_items(path)
+        return _folder_items(path, listing)
     if not path.is_file():
         raise FileNotFoundError(f"--input: {path} does not exist")
     if path.suffix in (".jsonl", ".csv"):
         return _manifest_items(path, listing)
     if path.suffix == ".txt":
-        return _list_items(path, Path(prompts) if prompts else None)
+        return _list_items(path, Path(prompts) if prompts else None, listing)
     raise ValueError(f"--input: {path} must be a folder, a .jsonl/.csv manifest or a videos.txt list")
 
 
@@ -211,16 +215,16 @@ def read_inputs(input_path: str | Path, prompts: str | Path | None, inputs_per_s
     Only this worker's are kept: at 10M inputs with dense captions, the whole list is about 15 GB per worker."""
     from tqdm import tqdm
 
-    listing, mine, count = hashlib.sha256(b"["), {}, 0
+    digest, mine, count = hashlib.sha256(b"["), {}, 0
     for item in tqdm(iter_inputs(input_path, prompts, listing), desc="reading inputs", unit=" inputs", disable=not progress,
                      mininterval=2):
         # the bytes of json.dumps([[source, caption, start, end], ...]), fed item by item
-        listing.update((b", " if count else b"") + json.dumps([item.source, item.caption, item.start, item.end]).encode())
+        digest.update((b", " if count else b"") + json.dumps([item.source, item.caption, item.start, item.end]).encode())
         if item.index // inputs_per_shard % world == rank:
             mine[item.index] = item
         count += 1
-    listing.update(b"]")
-    return count, listing.hexdigest(), mine
+    digest.update(b"]")
+    return count, digest.hexdigest(), mine
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -773,7 +777,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="text encoder dtype (default bf16 on GPUs, fp32 on CPUs; T5 overflows in fp16)")
     clip = p.add_argument_group("clips")
     clip.add_argument("--buckets", default="480x720x49",
-                      help="comma-separated HEIGHTxWIDTHxFRAMES buckets, frames 4k+1 (default 480x720x49)")
+                      help="comma-separated HEIGHTxWIDTHxFRAMES buckets, frames 1 or 8j+1 (an odd latent count; "
+                           "default 480x720x49)")
     clip.add_argument("--fps", type=float, default=None, help="resample videos to this frame rate (default: keep)")
     clip.add_argument("--clips-per-video", type=int, default=1,
                       help="evenly spaced, non-overlapping clips per video; 0 = as many as fit (counted as 1 "

@@ -224,16 +224,34 @@ def test_byte_order_marks_bad_ranges_and_a_lone_rank(tmp_path, monkeypatch):
 
 
 def test_folders_encoded_before_listing_2_keep_reading_their_inputs_as_they_did(tmp_path):
-    """encode_plan.json records how the manifest was cut into lines; a plan from before the key was read at every
-    str.splitlines break (listing 1), and a re-run reads it so again, so its listing hash still matches."""
-    import types
+    """encode_plan.json records how the inputs were read. A folder begun before the key was read by rule 1 (plain
+    UTF-8, JSONL cut at every str.splitlines break): a re-run reads it so again, its listing hash holds and the run
+    goes on; a new folder is read by rule 2, whose hash differs on such a manifest."""
+    from test_encode_latents import encode, make_vae
 
-    args = types.SimpleNamespace(buckets=[], fps=8.0, clips_per_video=1, latent_dtype="bf16", vae=str(tmp_path),
-                                 text_encoder=None, text_max_length=226)
-    plan = el.ShardPlan(5, 2)
-    old = el.plan_record(args, "abc", plan, listing=1)
-    del old["listing"]
-    (tmp_path / el.PLAN_NAME).write_text(json.dumps(old))
-    el.check_or_write_plan(tmp_path, el.plan_record(args, "abc", plan, listing=1))  # the same plan
-    with pytest.raises(ValueError, match="'listing': \\(1, 2\\)"):
-        el.check_or_write_plan(tmp_path, el.plan_record(args, "abc", plan, listing=2))
+    from data_tools.make_synthetic import generate
+
+    vae = make_vae(tmp_path / "vae")
+    generate(tmp_path / "data", num_videos=2, num_images=0, num_heldout=0, frames=9, height=32, width=32, fps=8.0,
+             progress=False)
+    records = [json.loads(line) for line in (tmp_path / "data" / "manifest.jsonl").read_text().splitlines()]
+    records[1]["caption"] = "a\u2028b"  # raw in the file (ensure_ascii=False): rule 1 cuts the record in two
+    manifest = tmp_path / "data" / "m.jsonl"
+    manifest.write_text("\ufeff" + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                        encoding="utf-8")
+    legacy = list(el.iter_inputs(manifest, listing=1))
+    assert len(legacy) == 3 and legacy[0].error[0] == "bad_manifest_line"  # the BOM spoils the first record too
+    count, sha1, _ = el.read_inputs(manifest, None, 2, 0, 1, listing=1)
+    assert count == 3 and sha1 == old_listing_sha(legacy)
+    assert el.read_inputs(manifest, None, 2, 0, 1)[1] != sha1
+    out = tmp_path / "out"
+    encode(manifest, out, vae, "--samples-per-shard", 1)
+    plan = json.loads((out / el.PLAN_NAME).read_text())
+    assert plan["listing"] == 2 and plan["num_inputs"] == 2
+    # the same folder as a run before the key would have left it: rule 1's count and hash, no "listing"
+    old = {k: v for k, v in plan.items() if k != "listing"}
+    (out / el.PLAN_NAME).write_text(json.dumps({**old, "num_inputs": 3, "num_shards": 3, "inputs_sha256": sha1}))
+    for tar in out.glob("*.tar"):
+        tar.unlink()
+    encode(manifest, out, vae, "--samples-per-shard", 1)  # no "encoded with other settings"
+    assert "listing" not in json.loads((out / el.PLAN_NAME).read_text())
