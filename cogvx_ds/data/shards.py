@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import tarfile
 from collections import Counter
@@ -212,7 +213,8 @@ def sample_bucket(meta: dict, where: str = "sample json") -> tuple[str, int]:
     if not isinstance(meta, dict):
         raise ShardError(f"{where}: expected a JSON object, got {type(meta).__name__}")
     raw = meta.get("latent_frames", meta.get("frames", 1))
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or raw != int(raw) or raw < 1:
+    if (isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw) or raw != int(raw)
+            or raw < 1):
         raise ShardError(f"{where}: latent_frames/frames must be a positive whole number, got {raw!r}")
     frames = int(raw)
     return str(meta.get("bucket", f"{frames}")), frames
