@@ -72,7 +72,27 @@ def build_config(config_file: str | None, overrides: list[str]) -> VAETrainConfi
                          f"valid: {sorted(model_names)}")
     if "betas" in values:
         values["betas"] = tuple(values["betas"])
+    where = config_file or "overrides"
+    types = {f.name: str(f.type) for f in dataclasses.fields(VAETrainConfig)}
+    for key, value in values.items():
+        values[key] = _as_declared(key, value, types[key], where)
+    if isinstance(values.get("model"), dict):
+        model_types = {f.name: str(f.type) for f in dataclasses.fields(CogVideoXVAEConfig)}
+        values["model"] = {k: _as_declared(f"model.{k}", v, model_types[k], where) for k, v in values["model"].items()}
     return VAETrainConfig(**values)
+
+
+def _as_declared(key: str, value, declared: str, where: str):
+    """A number field given as text (YAML reads 2e-3 and 1e-6 as strings: its floats need a dot) as that number;
+    text that is no number is an error naming the field."""
+    kind = declared.split("|")[0].strip()
+    if not isinstance(value, str) or kind not in ("float", "int"):
+        return value
+    try:
+        return float(value) if kind == "float" else int(value)
+    except ValueError:
+        raise ValueError(f"{where}: {key} must be {'a number' if kind == 'float' else 'a whole number'}, got "
+                         f"{value!r}") from None
 
 
 def main(argv: list[str] | None = None) -> None:

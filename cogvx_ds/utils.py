@@ -50,10 +50,14 @@ def fsync_path(path: str | os.PathLike) -> None:
 
 def fsync_tree(folder: str | os.PathLike) -> None:
     """fsync every file under `folder`, and the folders: a checkpoint that DeepSpeed wrote (with plain writes) is on
-    the disk before `latest` names it. Files written by other machines of a shared filesystem cost little here."""
+    the disk before `latest` names it. Files written by other machines of a shared filesystem cost little here; a
+    file renamed away meanwhile (another process's temp file) is skipped."""
     for root, _, files in os.walk(folder):
         for name in files:
-            fsync_path(Path(root) / name)
+            try:
+                fsync_path(Path(root) / name)
+            except FileNotFoundError:
+                continue
         fsync_path(root)
 
 

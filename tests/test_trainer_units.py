@@ -128,3 +128,21 @@ def test_atomic_writes_and_checkpoints_are_flushed_to_disk(tmp_path, monkeypatch
     utils.fsync_tree(tmp_path / "ckpt" / "step2")
     step = tmp_path / "ckpt" / "step2"
     assert sorted(synced) == sorted(map(str, [step, step / "b.pt", step / "zero", step / "zero" / "a.pt"]))
+
+
+def test_fsync_tree_skips_a_file_renamed_away_while_it_walks(tmp_path, monkeypatch):
+    """Rank 0 writes trainer_state.json through a temp file beside what other ranks walk: a temp file that is
+    listed, then renamed before it is opened, is skipped (it crashed that rank with FileNotFoundError)."""
+    from cogvx_ds import utils
+
+    (tmp_path / ".trainer_state.json.tmp-host-1").write_text("{}")
+    (tmp_path / "model.pt").write_bytes(b"x")
+    real = utils.fsync_path
+
+    def renamed_meanwhile(path):
+        if ".tmp-" in str(path):
+            raise FileNotFoundError(path)
+        real(path)
+
+    monkeypatch.setattr(utils, "fsync_path", renamed_meanwhile)
+    utils.fsync_tree(tmp_path)  # no error

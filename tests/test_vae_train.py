@@ -302,3 +302,38 @@ def test_the_default_deepspeed_config_is_built_in(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="is not valid JSON"):
         build_config(None, [f"ds_config={tmp_path / 'bad.json'}"]).validate()
+
+
+def test_number_fields_given_without_a_dot_are_numbers():
+    """lr=2e-3 and kl_weight=1e-6 (as YAML files and overrides write them) were the strings '2e-3' and '1e-6':
+    validate() passed them and training broke on the optimizer. Now numbers, and text that is no number is an error
+    naming the field."""
+    cfg = build_config(None, ["lr=2e-3", "kl_weight=1e-6", "steps=5", "model.scaling_factor=1e-1"])
+    assert (cfg.lr, cfg.kl_weight, cfg.steps, cfg.model["scaling_factor"]) == (0.002, 1e-6, 5, 0.1)
+    with pytest.raises(ValueError, match="lr must be a number, got 'fast'"):
+        build_config(None, ["lr=fast"])
+    with pytest.raises(ValueError, match="model.latent_channels must be a whole number"):
+        build_config(None, ["model.latent_channels=1e1"])
+
+
+def test_a_refused_resume_names_what_changed_and_old_event_folders_move(tmp_path):
+    """The same YAML can give another config after an upgrade (a model: section used to replace the default
+    model): the refusal lists the fields that differ from the last start's config.json. A run that logged to tb/
+    (before the DiT trainer's name, tensorboard/, was used) has it moved, so a resume keeps one event folder."""
+    import dataclasses
+    import types
+
+    from cogvx_ds.train.vae_trainer import VAETrainConfig, VAETrainer, adopt_old_tensorboard
+
+    before = VAETrainConfig(model={"latent_channels": 16}, lr=2e-3)
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(before), default=str))
+    now = build_config(None, ["model.latent_channels=16", "lr=2e-3", "steps=7"])
+    assert now.lr == 0.002  # YAML reads 2e-3 as text (its floats need a dot): taken as the number the field is
+    changes = VAETrainer._config_changes(types.SimpleNamespace(run_dir=tmp_path, cfg=now))
+    assert "model.block_out_channels: None -> [16, 32, 32, 32]" in changes and "lr" not in changes
+    assert "steps" not in changes and "latent_channels" not in changes
+    assert VAETrainer._config_changes(types.SimpleNamespace(run_dir=tmp_path / "none", cfg=now)) == ""
+    (tmp_path / "tb").mkdir()
+    (tmp_path / "tb" / "events.out.tfevents.1").write_bytes(b"x")
+    adopt_old_tensorboard(tmp_path)
+    assert (tmp_path / "tensorboard" / "events.out.tfevents.1").is_file() and not (tmp_path / "tb").exists()

@@ -156,6 +156,14 @@ def load_ds_config(cfg: VAETrainConfig) -> dict:
     return ds
 
 
+def adopt_old_tensorboard(run_dir: Path) -> None:
+    """A run begun before the rename logged TensorBoard events to tb/: move them to tensorboard/, so that a resumed
+    run keeps one folder (the resume's purge reaches them, and TensorBoard shows one run)."""
+    old = run_dir / "tb"
+    if old.is_dir() and not (run_dir / "tensorboard").exists():
+        old.rename(run_dir / "tensorboard")
+
+
 # ------------------------------------------------------------------------------------------------ trainer
 class VAETrainer:
     def __init__(self, cfg: VAETrainConfig):
@@ -235,6 +243,7 @@ class VAETrainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            adopt_old_tensorboard(self.run_dir)
             (self.run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
             # named as the DiT trainer's; a resume drops the events logged after its checkpoint (a killed run
             # logged past it), as metrics.jsonl is truncated, so TensorBoard shows one curve
@@ -275,11 +284,26 @@ class VAETrainer:
         state = dict(step=self.step, data_position=self.stream.position, config_hash=self.cfg.hash(),
                      torch_rng=_encode_tensor(torch.get_rng_state()), world_size=self.world)
         fsync_tree(self.ckpt_dir / tag)  # what this rank wrote is on the disk before `latest` names it
+        dist.barrier()  # and no rank still walks the folder while rank 0 adds to it
         if self.rank == 0:
             atomic_write_text(self.ckpt_dir / tag / "trainer_state.json", json.dumps(state, indent=2))
         dist.barrier()
         if self.rank == 0:  # `latest` only once every rank has finished writing
             atomic_write_text(self.ckpt_dir / "latest", tag)
+
+    def _config_changes(self) -> str:
+        """What differs from the run dir's config.json (the last start's config), for the resume error: the same
+        YAML can give another config after an upgrade (a model: section once replaced the default model)."""
+        try:
+            before = json.loads((self.run_dir / "config.json").read_text())
+        except (OSError, ValueError):
+            return ""
+        now = json.loads(json.dumps(dataclasses.asdict(self.cfg), default=str))
+        changed = [f"model.{k}: {before.get('model', {}).get(k)!r} -> {v!r}" for k, v in now["model"].items()
+                   if isinstance(before.get("model"), dict) and before["model"].get(k) != v]
+        changed += [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in now.items() if k != "model" and before.get(k) != v
+                    and k not in ("run_dir", "steps", "log_every", "video_every", "ckpt_every", "export")]
+        return f"; changed since the last start: {', '.join(changed)}" if changed else ""
 
     def resume(self) -> bool:
         latest = self.ckpt_dir / "latest"
@@ -289,7 +313,8 @@ class VAETrainer:
         state = json.loads((self.ckpt_dir / tag / "trainer_state.json").read_text())
         if state["config_hash"] != self.cfg.hash():
             raise ValueError(f"{self.ckpt_dir / tag}/trainer_state.json: written by a run with another config "
-                             f"(hash {state['config_hash']} != {self.cfg.hash()}); use a new run_dir")
+                             f"(hash {state['config_hash']} != {self.cfg.hash()}{self._config_changes()}); use a new "
+                             f"run_dir")
         if state["world_size"] != self.world:
             raise ValueError(f"{self.ckpt_dir / tag}: saved with world size {state['world_size']}, now {self.world}")
         for engine, sub in ((self.vae, "vae"), (self.disc, "disc")):
