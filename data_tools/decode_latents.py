@@ -31,9 +31,13 @@ def decode_shards(shards: list[Path], vae, out: Path, num: int | None = None, ke
                 video = vae.decode(s.mean[None].to(vae.dtype))[0]
             frames = to_uint8(video)
             # keys are unique within an encode folder only: a key met again (another folder) gets its shard's
-            # folder and name in front instead of overwriting the first one's file
+            # folder and name in front, and a number after if that is taken too, instead of overwriting a file
             name = s.key if s.key not in written else f"{path.parent.name}_{path.stem}_{s.key}"
-            written.add(s.key)
+            base, n = name, 1
+            while name in written:
+                n += 1
+                name = f"{base}_{n}"
+            written.add(name)
             if frames.shape[0] == 1:
                 from PIL import Image
 

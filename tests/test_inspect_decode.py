@@ -85,11 +85,12 @@ def test_decode_latents_keeps_samples_whose_keys_repeat_across_folders(encoded, 
     """Keys are unique within one encode folder only (two folders both start at 000000000_000): decoding both
     writes one file per sample, the second under its folder and shard name, and captions.jsonl names each."""
     src, vae_dir = encoded
-    shutil.copytree(src / "out", tmp_path / "hq")
+    for run in ("a", "b"):  # folders named alike (every encode's folder is latents/)
+        shutil.copytree(src / "out", tmp_path / run / "latents")
     first = next(iter_shard(sorted((src / "out").glob("*.tar"))[0])).key
-    assert decode_latents.main([str(src / "out"), str(tmp_path / "hq"), "--vae", str(vae_dir),
-                                "--out", str(tmp_path / "d"), "--keys", first]) == 0
+    assert decode_latents.main([str(src / "out"), str(tmp_path / "a" / "latents"), str(tmp_path / "b" / "latents"),
+                                "--vae", str(vae_dir), "--out", str(tmp_path / "d"), "--keys", first]) == 0
     records = [json.loads(line) for line in (tmp_path / "d" / "captions.jsonl").read_text().splitlines()]
     files = [r["file"] for r in records]
-    assert len(files) == 2 and len(set(files)) == 2 and all((tmp_path / "d" / f).is_file() for f in files), files
-    assert files[1].startswith("hq_") and files[1].endswith(f"{first}.mp4")
+    assert len(files) == 3 and len(set(files)) == 3 and all((tmp_path / "d" / f).is_file() for f in files), files
+    assert files[1].startswith("latents_") and files[1].endswith(f"{first}.mp4") and files[2].endswith("_2.mp4")
