@@ -86,13 +86,17 @@ case "$LAUNCHER" in
     # deepspeed starts the other nodes' ranks over ssh/pdsh, which pass on only the variables of its env file:
     # the user's (~/.deepspeed_env and ./.deepspeed_env, or DS_ENV_FILE), plus COGVX_JOB_START (the trainer keeps
     # a STOP written by the trap above while it started up only if it knows when the job started)
+    # The merged file goes to a private temporary folder (the user's file may hold secrets), by absolute path
+    # (deepspeed looks a relative DS_ENV_FILE up under ~ first), removed when this script exits.
     user_env=${DS_ENV_FILE:-.deepspeed_env}
     case "$user_env" in /*) env_sources=("$user_env") ;; *) env_sources=("$HOME/$user_env" "./$user_env") ;; esac
+    DS_ENV_TMP=$(umask 077 && mktemp -d)
+    trap 'rm -rf "$DS_ENV_TMP"' EXIT
     {
       for f in "${env_sources[@]}"; do [ -f "$f" ] && sed -e '$a\' "$f" | grep -v '^[[:space:]]*$'; done
       echo "COGVX_JOB_START=$COGVX_JOB_START"
-    } > "$RUN_DIR/deepspeed_env"
-    DS_ENV_FILE="$RUN_DIR/deepspeed_env" deepspeed --hostfile "$RUN_DIR/hostfile" --master_addr "$MASTER_ADDR" \
+    } > "$DS_ENV_TMP/deepspeed_env"
+    DS_ENV_FILE="$DS_ENV_TMP/deepspeed_env" deepspeed --hostfile "$RUN_DIR/hostfile" --master_addr "$MASTER_ADDR" \
         --master_port "$MASTER_PORT" --module cogvx_ds.train "${TRAIN_ARGS[@]}" &
     ;;
   *)

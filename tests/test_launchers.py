@@ -35,7 +35,9 @@ if [ "$1" = requeue ] && [ -n "${STUB_REQUEUE_FAIL:-}" ]; then exit 1; fi
 """
 STUB_LOGGER = r"""#!/usr/bin/env bash
 echo "$(basename "$0") $*" >> "$STUB_LOG"
-if [ -n "${DS_ENV_FILE:-}" ]; then echo "DS_ENV_FILE=$DS_ENV_FILE" >> "$STUB_LOG"; fi
+if [ -n "${DS_ENV_FILE:-}" ]; then
+    { echo "DS_ENV_FILE=$DS_ENV_FILE $(stat -c %a "$(dirname "$DS_ENV_FILE")")"; sed 's/^/DS_ENV: /' "$DS_ENV_FILE"; } >> "$STUB_LOG"
+fi
 """
 STUB_PYTHON = r"""#!/usr/bin/env bash
 if [ "$1 $2" = "-m torch.distributed.run" ]; then echo "python $*" >> "$STUB_LOG"; exit 0; fi
@@ -99,10 +101,14 @@ def test_srun_and_deepspeed_launchers(env):
     (line,) = [x for x in log(env) if x.startswith("deepspeed")]
     assert "--master_addr node001" in line and "--module cogvx_ds.train" in line and "stages/caption_finetune" in line
     assert (Path(env["RUN_DIR"]) / "hostfile").read_text() == "node001 slots=4\nnode002 slots=4\n"
-    # the other nodes' ranks get COGVX_JOB_START through deepspeed's env file, with the user's own variables
+    # the other nodes' ranks get COGVX_JOB_START through deepspeed's env file, with the user's own variables; the
+    # file is given by absolute path, in a folder only the user can read, gone after the launch
     (ds_env,) = [x.split("=", 1)[1] for x in log(env) if x.startswith("DS_ENV_FILE=")]
-    lines = Path(ds_env).read_text().splitlines()
+    path, mode = ds_env.split()
+    assert Path(path).is_absolute() and mode == "700" and not Path(path).exists()
+    lines = [x[len("DS_ENV: "):] for x in log(env) if x.startswith("DS_ENV: ")]
     assert lines[:2] == ["NCCL_IB_HCA=mlx5", "FOO=bar baz"] and re.fullmatch(r"COGVX_JOB_START=\d+", lines[2]), lines
+    assert not (Path(env["RUN_DIR"]) / "deepspeed_env").exists()
 
 
 def test_preemption_signal_checkpoints_and_requeues(env):
