@@ -22,7 +22,7 @@ setup(
         "safetensors>=0.4",
         # decord has wheels for x86-64 only; elsewhere (e.g. aarch64 GH200 nodes) video decoding uses PyAV
         "decord>=0.6; platform_machine == 'x86_64' or platform_machine == 'AMD64'",
-        "av>=12",
+        "av>=14",  # VideoFrame.rotation (portrait phone videos): the only decoder where decord has no wheels
         "tensorboard>=2.15",
         "pyyaml>=6",
         "tqdm>=4.66",

@@ -59,6 +59,9 @@ def training_settings(model: str | Path):
             raise ValueError(f"{sched}: _class_name {c.get('_class_name')!r}; expected one of {SCHEDULER_CLASSES} "
                              "(the zero-terminal-SNR, SNR-shifted schedule this sampler implements)")
         c = {**SCHEDULER_DEFAULTS, **c}  # a key left out means diffusers' default, as the pipeline reads it
+        if c.get("trained_betas") is not None:
+            raise ValueError(f"{sched}: trained_betas (an explicit beta list) is not implemented; this sampler builds "
+                             f"the schedule from beta_start/beta_end/beta_schedule")
         if c["prediction_type"] != "v_prediction":
             raise ValueError(f"{sched}: prediction_type {c['prediction_type']!r}; only v_prediction is implemented")
         schedule = NoiseSchedule.cogvideox(

@@ -322,6 +322,9 @@ def test_a_partial_scheduler_config_reads_as_diffusers_reads_it(tmp_path):
     (folder / "scheduler_config.json").write_text(json.dumps({**config, "_class_name": "DDIMScheduler"}))
     with pytest.raises(ValueError, match="_class_name 'DDIMScheduler'"):
         training_settings(tmp_path / "pipe")
+    (folder / "scheduler_config.json").write_text(json.dumps({**config, "trained_betas": [0.001] * 1000}))
+    with pytest.raises(ValueError, match="trained_betas"):
+        training_settings(tmp_path / "pipe")
     (folder / "scheduler_config.json").write_text(json.dumps({"_class_name": "CogVideoXDPMScheduler"}))
     with pytest.raises(ValueError, match="prediction_type 'epsilon'"):  # diffusers' default
         training_settings(tmp_path / "pipe")
