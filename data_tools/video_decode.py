@@ -154,19 +154,27 @@ def plan_clips(info: VideoInfo, buckets: Sequence[Bucket], target_fps: float | N
                                          f"{info.num_frames}-frame video at {info.fps:g} fps")
     step = info.fps / fps  # source frames per output frame
     available = math.floor((stop - first - 1) / step + _EPS) + 1
-    bucket = choose_bucket(buckets, info.height, info.width, available, is_image=False)
-    if bucket is None:
-        need = min((b.frames for b in buckets if b.frames > 1), default=None)
-        raise BadInput("too_few_frames", f"{available} frames at {fps:g} fps ({stop - first} source frames at "
-                                         f"{info.fps:g} fps); the smallest video bucket needs {need}")
-    fit = available // bucket.frames
-    count = fit if clips_per_video <= 0 else min(clips_per_video, fit)
-    starts = [0] if count == 1 else [round(k * (available - bucket.frames) / (count - 1)) for k in range(count)]
+    bucket, starts = _bucket_and_starts(info, buckets, available, clips_per_video,
+                                        f"{available} frames at {fps:g} fps ({stop - first} source frames at "
+                                        f"{info.fps:g} fps)")
     plans = []
     for s in starts:
         idx = tuple(min(stop - 1, first + math.floor((s + j) * step + _EPS)) for j in range(bucket.frames))
         plans.append(ClipPlan(bucket, idx, fps, idx[0] / info.fps, (idx[-1] + 1) / info.fps))
     return plans
+
+
+def _bucket_and_starts(info: VideoInfo, buckets: Sequence[Bucket], available: int, clips_per_video: int,
+                       what: str) -> tuple[Bucket, list[int]]:
+    """The bucket for `available` output frames and the first output frame of each of its evenly spaced,
+    non-overlapping clips (clips_per_video=0: as many as fit); BadInput naming `what` when no video bucket fits."""
+    bucket = choose_bucket(buckets, info.height, info.width, available, is_image=False)
+    if bucket is None:
+        need = min((b.frames for b in buckets if b.frames > 1), default=None)
+        raise BadInput("too_few_frames", f"{what}; the smallest video bucket needs {need}")
+    fit = available // bucket.frames
+    count = fit if clips_per_video <= 0 else min(clips_per_video, fit)
+    return bucket, [0] if count == 1 else [round(k * (available - bucket.frames) / (count - 1)) for k in range(count)]
 
 
 def _plan_clips_by_time(info: VideoInfo, t: np.ndarray, buckets: Sequence[Bucket], fps: float, clips_per_video: int,
@@ -185,15 +193,9 @@ def _plan_clips_by_time(info: VideoInfo, t: np.ndarray, buckets: Sequence[Bucket
                                          f"of {video_end:g} s")
     t0 = float(t[first])
     available = max(1, math.ceil((t_stop - t0) * fps - _EPS))
-    bucket = choose_bucket(buckets, info.height, info.width, available, is_image=False)
-    if bucket is None:
-        need = min((b.frames for b in buckets if b.frames > 1), default=None)
-        raise BadInput("too_few_frames", f"{available} frames at {fps:g} fps ({stop - first} source frames over "
-                                         f"{t_stop - t0:g} s, variable frame rate); the smallest video bucket needs "
-                                         f"{need}")
-    fit = available // bucket.frames
-    count = fit if clips_per_video <= 0 else min(clips_per_video, fit)
-    starts = [0] if count == 1 else [round(k * (available - bucket.frames) / (count - 1)) for k in range(count)]
+    bucket, starts = _bucket_and_starts(info, buckets, available, clips_per_video,
+                                        f"{available} frames at {fps:g} fps ({stop - first} source frames over "
+                                        f"{t_stop - t0:g} s, variable frame rate)")
     plans = []
     for s in starts:
         shown = t0 + (s + np.arange(bucket.frames)) / fps

@@ -17,15 +17,22 @@ _FROM_YAML = {
 }
 
 
-def _read(path: Path) -> dict:
+def read_json_object(path: Path, field: str) -> dict:
+    """A DeepSpeed config file (the config field `field` names it) holding a JSON object, or ValueError naming
+    the field and the file (FileNotFoundError where there is none)."""
     if not path.is_file():
-        raise FileNotFoundError(f"train.ds_config: {path} does not exist")
+        raise FileNotFoundError(f"{field}: {path} does not exist")
     try:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"train.ds_config: {path} is not valid JSON: {e}") from e
+        raise ValueError(f"{field}: {path} is not valid JSON: {e}") from e
     if not isinstance(ds, dict):
-        raise ValueError(f"train.ds_config: {path} must hold a JSON object, got {type(ds).__name__}")
+        raise ValueError(f"{field}: {path} must hold a JSON object, got {type(ds).__name__}")
+    return ds
+
+
+def _read(path: Path) -> dict:
+    ds = read_json_object(path, "train.ds_config")
     for section in ("zero_optimization", "bf16", "fp16"):
         if section in ds and not isinstance(ds[section], dict):
             raise ValueError(f"train.ds_config: {path}: {section} must be a JSON object, got {ds[section]!r}")

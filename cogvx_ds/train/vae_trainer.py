@@ -139,17 +139,15 @@ def load_ds_config(cfg: VAETrainConfig) -> dict:
     if cfg.ds_config is None:
         ds = json.loads(json.dumps(DEFAULT_DS_CONFIG))
     else:
+        from cogvx_ds.train.ds_config import read_json_object
+
         path = Path(cfg.ds_config)
         path = path if path.is_absolute() or path.exists() else REPO / path
-        if not path.is_file():
-            raise ValueError(f"ds_config: {cfg.ds_config} does not exist (a DeepSpeed JSON file; leave it unset for "
-                             f"the built-in ZeRO-2 config)")
         try:
-            ds = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"ds_config: {path} is not valid JSON: {e}") from e
-        if not isinstance(ds, dict):
-            raise ValueError(f"ds_config: {path} must hold a JSON object, got {type(ds).__name__}")
+            ds = read_json_object(path, "ds_config")
+        except FileNotFoundError:
+            raise ValueError(f"ds_config: {cfg.ds_config} does not exist (a DeepSpeed JSON file; leave it unset for "
+                             f"the built-in ZeRO-2 config)") from None
     ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
     ds.setdefault("gradient_accumulation_steps", 1)
     ds.pop("train_batch_size", None)  # derived by DeepSpeed from micro batch x accumulation x world
