@@ -129,6 +129,27 @@ def check_pipeline_inputs(vae: Path, text_encoder: Path) -> None:
                                 f"tokenizer/)")
 
 
+def check_components_fit(m, vae: Path, text_encoder: Path) -> None:
+    """The VAE and text encoder folders are ones the transformer (ModelConfig `m`) can work with: latent channels,
+    temporal compression and text width, from their config.json files; ValueError naming the argument. A mismatch
+    otherwise shows only after sampling (the VAE refuses the latents) or as oneDNN's "could not create a primitive
+    descriptor" at the first step (a wider text encoder)."""
+    v = json.loads((vae / "config.json").read_text())
+    channels, ratio = v.get("latent_channels", 16), v.get("temporal_compression_ratio", 4)
+    if channels != m.in_channels or channels != m.out_channels:
+        raise ValueError(f"--vae {vae}: latent_channels = {channels}, but the transformer takes "
+                         f"{m.in_channels} in and {m.out_channels} out: use the VAE its latents were encoded with")
+    if int(ratio) != m.temporal_compression_ratio:
+        raise ValueError(f"--vae {vae}: temporal_compression_ratio = {ratio}, but the transformer was made for "
+                         f"{m.temporal_compression_ratio}")
+    te_root, _ = _text_encoder_roots(text_encoder)
+    t = json.loads((te_root / "config.json").read_text())
+    width = t.get("d_model", t.get("hidden_size"))
+    if width is not None and width != m.text_embed_dim:
+        raise ValueError(f"--text-encoder {text_encoder}: its embeddings are {width}-wide, but the transformer takes "
+                         f"text_embed_dim = {m.text_embed_dim}: use the text encoder it was trained with")
+
+
 def write_pipeline_parts(out: Path, diffusion: DiffusionConfig, vae: Path, text_encoder: Path,
                          latent_scale: float | None = None) -> None:
     """Everything but the transformer: VAE, text encoder + tokenizer, scheduler, model_index.json.
@@ -220,6 +241,7 @@ def main(argv=None) -> int:
     try:
         check_exportable(cfg)
         check_pipeline_inputs(Path(args.vae), Path(args.text_encoder))
+        check_components_fit(cfg.model, Path(args.vae), Path(args.text_encoder))
         if args.checkpoint:
             checkpoint_tag(run, args.checkpoint)
     except (ValueError, FileNotFoundError) as e:

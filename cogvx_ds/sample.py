@@ -31,7 +31,11 @@ def _resolve(model: Path, sub: str, given: str | None) -> Path | None:
 SCHEDULER_CLASSES = ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")
 SCHEDULER_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                       "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "rescale_betas_zero_snr": False,
-                      "snr_shift_scale": 3.0}
+                      "snr_shift_scale": 3.0, "timestep_spacing": "leading", "set_alpha_to_one": True,
+                      "steps_offset": 0}
+# the steps this sampler takes (cogvx_ds.diffusion.samplers: trailing timesteps ending at a clean sample), which a
+# pipeline folder's scheduler must describe for the two to sample alike
+SAMPLER_STEPS = {"timestep_spacing": "trailing", "set_alpha_to_one": True, "steps_offset": 0}
 
 
 def training_settings(model: str | Path):
@@ -64,6 +68,11 @@ def training_settings(model: str | Path):
                              f"the schedule from beta_start/beta_end/beta_schedule")
         if c["prediction_type"] != "v_prediction":
             raise ValueError(f"{sched}: prediction_type {c['prediction_type']!r}; only v_prediction is implemented")
+        steps = {k: c[k] for k in SAMPLER_STEPS if c[k] != SAMPLER_STEPS[k]}
+        if steps:
+            raise ValueError(f"{sched}: {steps} (diffusers' defaults where the file leaves them out): this sampler "
+                             f"takes {SAMPLER_STEPS}, as CogVideoX's scheduler configs say; the pipeline would step "
+                             f"through other timesteps")
         schedule = NoiseSchedule.cogvideox(
             num_train_timesteps=c["num_train_timesteps"], beta_start=c["beta_start"], beta_end=c["beta_end"],
             snr_shift_scale=c["snr_shift_scale"], zero_terminal_snr=c["rescale_betas_zero_snr"],
@@ -92,6 +101,10 @@ def load_components(model: str, vae: str | None = None, text_encoder: str | None
     if vae_dir is None or te_dir is None:
         raise FileNotFoundError(f"{model}: pass --vae and --text-encoder (or use a pipeline folder with vae/ and "
                                 f"text_encoder/)")
+    from cogvx_ds.export import check_components_fit
+
+    # before the weights load, and long before a whole sampling run ends in a VAE that refuses the latents
+    check_components_fit(dit.config, vae_dir, te_dir)
     vae_model = CogVideoXVAE.from_diffusers(vae_dir).to(device).eval()
     in_pipeline = te_dir.name == "text_encoder" and (te_dir.parent / "tokenizer").is_dir()
     encoder = TextEncoder.from_pretrained(te_dir.parent if in_pipeline else te_dir,

@@ -322,9 +322,43 @@ def test_a_partial_scheduler_config_reads_as_diffusers_reads_it(tmp_path):
     (folder / "scheduler_config.json").write_text(json.dumps({**config, "_class_name": "DDIMScheduler"}))
     with pytest.raises(ValueError, match="_class_name 'DDIMScheduler'"):
         training_settings(tmp_path / "pipe")
+    for key, value in (("timestep_spacing", "leading"), ("set_alpha_to_one", False), ("steps_offset", 1)):
+        (folder / "scheduler_config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(ValueError, match=key):  # the pipeline would step through other timesteps
+            training_settings(tmp_path / "pipe")
+    no_spacing = {k: v for k, v in config.items() if k != "timestep_spacing"}  # diffusers' default: leading
+    (folder / "scheduler_config.json").write_text(json.dumps(no_spacing))
+    with pytest.raises(ValueError, match="'timestep_spacing': 'leading'"):
+        training_settings(tmp_path / "pipe")
     (folder / "scheduler_config.json").write_text(json.dumps({**config, "trained_betas": [0.001] * 1000}))
     with pytest.raises(ValueError, match="trained_betas"):
         training_settings(tmp_path / "pipe")
     (folder / "scheduler_config.json").write_text(json.dumps({"_class_name": "CogVideoXDPMScheduler"}))
     with pytest.raises(ValueError, match="prediction_type 'epsilon'"):  # diffusers' default
         training_settings(tmp_path / "pipe")
+
+
+def test_export_and_sample_refuse_components_that_do_not_fit_the_transformer(run_dir, tmp_path):
+    """A VAE with other latent channels (or temporal compression) or a text encoder of another width: export
+    exited 0 and wrote a pipeline that could not decode, and sampling ran every step before the VAE refused the
+    latents (or failed at step 1 with oneDNN's "could not create a primitive descriptor"). Both now say which
+    argument does not fit, before loading weights or writing anything."""
+    vae8 = tmp_path / "vae8"
+    shutil.copytree(run_dir / "vae", vae8)
+    config = json.loads((vae8 / "config.json").read_text())
+    (vae8 / "config.json").write_text(json.dumps({**config, "latent_channels": 8}))
+    wide = tmp_path / "t5wide"
+    shutil.copytree(run_dir / "t5", wide)
+    config = json.loads((wide / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps({**config, "d_model": 2 * config["d_model"]}))
+    for vae, t5, message in ((vae8, run_dir / "t5", "latent_channels = 8"), (run_dir / "vae", wide, "-wide")):
+        proc = subprocess.run([sys.executable, "-m", "cogvx_ds.export", f"--run-dir={run_dir / 'run'}",
+                               f"--out={tmp_path / 'o'}", f"--vae={vae}", f"--text-encoder={t5}"],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not (tmp_path / "o").exists()
+        proc = subprocess.run([sys.executable, "-m", "cogvx_ds.sample", f"--model={run_dir / 'run'}", f"--vae={vae}",
+                               f"--text-encoder={t5}", "--prompt=a red circle", f"--out={tmp_path / 's'}",
+                               "--height=32", "--width=48", "--steps=1"], capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not (tmp_path / "s").exists()

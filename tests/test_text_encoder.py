@@ -113,6 +113,10 @@ def test_clear_errors(tmp_path, tiny_path):
         encoder.encode("a single string")
     with pytest.raises(ValueError, match="captions is empty"):
         encoder.encode([])
+    encoder.tokenizer.pad_token = None  # a tokenizer without a padding token fails at once, not at the first prompt
+    assert encoder.tokenizer.pad_token_id is None
+    with pytest.raises(ValueError, match="has no padding token"):
+        TextEncoder(encoder.model, encoder.tokenizer)
 
 
 def test_dtype_and_move_reset_the_empty_cache(tiny_path):

@@ -472,6 +472,7 @@ def test_shards_that_cannot_train_the_model_fail_before_the_engine_is_built(shar
 
     for override, message in (("model.in_channels=8 model.out_channels=8", "latents have 4 channels"),
                               ("model.text_embed_dim=64", "text embeddings are 32-wide"),
+                              ("model.max_text_seq_length=16", "text embeddings are 8 tokens long"),
                               ("train.micro_batch_size=40", "not one global batch of 40 samples")):
         proc = train(*train_args(tmp_path / override.split("=")[0], shards, *override.split()), check=False)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]

@@ -80,6 +80,12 @@ class TextEncoder:
     ):
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
+        if getattr(tokenizer, "pad_token_id", 0) is None:
+            # every caption is padded to max_length (as the trained model saw them); another token in its place
+            # would change the embeddings
+            raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has no padding token; captions are padded "
+                             f"to {max_length} tokens: use the tokenizer the model was trained with (T5's pads with "
+                             f"<pad>)")
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_length = max_length

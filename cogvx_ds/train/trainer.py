@@ -614,6 +614,12 @@ class Trainer:
         if sample["text"].shape[-1] != m.text_embed_dim:
             raise ValueError(f"data.shards: text embeddings are {sample['text'].shape[-1]}-wide ({where}) but "
                              f"model.text_embed_dim = {m.text_embed_dim}: encode with the model's text encoder")
+        if sample["text"].shape[0] != m.max_text_seq_length:
+            # sampling and the exported pipeline encode prompts to max_text_seq_length tokens: a model trained on
+            # another length would see its text where it never saw it (RoPE) or fail (learned/sin-cos positions)
+            raise ValueError(f"data.shards: text embeddings are {sample['text'].shape[0]} tokens long ({where}) but "
+                             f"model.max_text_seq_length = {m.max_text_seq_length}: set it to the shards' length, or "
+                             f"encode with data_tools.encode_latents --text-max-length {m.max_text_seq_length}")
         d = self.cfg.data
         size = tuple(n * d.vae_spatial_compression for n in sample["mean"].shape[-2:])
         if self.is_main and size != (d.height, d.width):
