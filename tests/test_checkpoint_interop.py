@@ -172,6 +172,31 @@ def test_training_init_from_weights_of_the_other_family_is_refused(tmp_path):
     assert torch.equal(model.state_dict()["proj_out.weight"], make_reference("2b").state_dict()["proj_out.weight"])
 
 
+def test_sat_checkpoints_of_the_other_position_family_or_learned_positions_are_refused(tmp_path):
+    """A 2B-style SAT file (sin-cos table) has a RoPE model's shapes: from_sat(config=5B-style) and training's
+    init_from loaded it without a word. RoPE with a trained position table (5B-I2V) loaded as sin-cos, the table
+    dropped. Both are refused now, naming the position type."""
+    from cogvx_ds.config import Config, TrainConfig
+    from cogvx_ds.train.trainer import init_weights
+
+    sat = diffusers_to_sat(make_reference("2b").state_dict())
+    sat["model.diffusion_model.mixins.pos_embed.pos_embedding"] = torch.zeros(1, 10, 64)
+    torch.save({"module": sat}, tmp_path / "2b.pt")
+    rope_cfg = ModelConfig(**CONFIGS["5b"])
+    with pytest.raises(ValueError, match="uses a sin-cos position table, but use_rotary_positional_embeddings = True"):
+        CogVideoXTransformer.from_sat(tmp_path / "2b.pt", config=rope_cfg)
+    cfg = Config(model=rope_cfg, train=TrainConfig(init_from=str(tmp_path / "2b.pt")))
+    with pytest.raises(ValueError, match="train.init_from .*2b.pt: the checkpoint uses a sin-cos position table"):
+        init_weights(CogVideoXTransformer(rope_cfg), cfg)
+    CogVideoXTransformer.from_sat(tmp_path / "2b.pt", config=ModelConfig(**CONFIGS["2b"]))  # the matching family
+    sat5 = diffusers_to_sat(make_reference("5b").state_dict())
+    sat5["model.diffusion_model.mixins.pos_embed.freqs_sin"] = torch.zeros(10, 32)
+    sat5["model.diffusion_model.mixins.pos_embed.pos_embedding"] = torch.zeros(1, 10, 64)
+    torch.save({"module": sat5}, tmp_path / "i2v.pt")
+    with pytest.raises(ValueError, match="learned positional embeddings"):
+        CogVideoXTransformer.from_sat(tmp_path / "i2v.pt")
+
+
 def test_a_sat_folder_loads_the_iteration_its_latest_names(tmp_path):
     """SAT saves <dir>/<iteration>/mp_rank_00_model_states.pt and a `latest` file; sorting the paths as text took
     500/ over 1500/."""

@@ -167,14 +167,38 @@ def infer_config(sd: dict[str, torch.Tensor], base: ModelConfig | None = None) -
         out_channels=sd["proj_out.weight"].shape[0] // conv.shape[2] ** 2)
 
 
+def sat_uses_rope(raw: dict, where: str) -> bool:
+    """Whether a SAT checkpoint's model uses RoPE (True) or a sin-cos position table (False), from what it stores:
+    the 2B model its fixed sin-cos `pos_embedding`, the 5B model no table or only RoPE's `freqs_sin/cos` buffers.
+    Both at once is RoPE plus a trained position table (CogVideoX-5B-I2V's learned positional embeddings), which
+    this model does not implement: refused (loading it as either would drop the table or the rotation)."""
+    table = any(k.endswith("pos_embedding") for k in raw)
+    rope = any(k.endswith(("freqs_sin", "freqs_cos")) for k in raw)
+    if table and rope:
+        raise ValueError(f"{where}: RoPE with a trained position table (learned positional embeddings, as in "
+                         f"CogVideoX-5B-I2V) is not supported")
+    return not table
+
+
+def check_sat_positions(raw: dict, config: ModelConfig, where: str) -> None:
+    """The position type the SAT checkpoint was trained with is the config's (both have the same tensor shapes, so
+    a mismatch would load without a word and compute other positions)."""
+    rope = sat_uses_rope(raw, where)
+    if rope != config.use_rotary_positional_embeddings:
+        raise ValueError(f"{where}: the checkpoint uses {'RoPE' if rope else 'a sin-cos position table'}, but "
+                         f"use_rotary_positional_embeddings = {config.use_rotary_positional_embeddings} here; use "
+                         f"the matching model config (model/2b for CogVideoX-2b, model/5b for -5b)")
+
+
 def load_sat_transformer(cls, path, config: ModelConfig | None = None, allow_unsafe_pickle: bool = False,
                          dtype: torch.dtype | None = None):
     raw = read_sat_file(path, allow_unsafe_pickle)
+    where = f"SAT checkpoint {path}"
     sd = sat_to_diffusers(raw)
     if config is None:
-        # The 2B model stores its fixed sin-cos table; the 5B model (RoPE) stores none or only RoPE buffers.
-        has_sincos = any(k.endswith("pos_embedding") for k in raw)
-        config = infer_config(sd, ModelConfig(use_rotary_positional_embeddings=not has_sincos))
+        config = infer_config(sd, ModelConfig(use_rotary_positional_embeddings=sat_uses_rope(raw, where)))
+    else:
+        check_sat_positions(raw, config, where)
     model = cls(config)
     if dtype is not None:
         model.to(dtype)

@@ -161,11 +161,13 @@ def init_weights(model, cfg: Config, resuming: bool = False, init: tuple[str, Pa
         return
     from cogvx_ds.checkpoint.diffusers_io import LazySafetensors
     from cogvx_ds.checkpoint.layout import load_full_state_dict
-    from cogvx_ds.checkpoint.sat import read_sat_file, sat_to_diffusers
+    from cogvx_ds.checkpoint.sat import check_sat_positions, read_sat_file, sat_to_diffusers
 
     kind, path = init or init_source(src)
     if kind == "sat":
-        source = sat_to_diffusers(read_sat_file(path, cfg.train.allow_unsafe_pickle))
+        raw = read_sat_file(path, cfg.train.allow_unsafe_pickle)
+        check_sat_positions(raw, cfg.model, f"train.init_from {path}")
+        source = sat_to_diffusers(raw)
         name = f"SAT checkpoint {path}"
     else:
         if init is None:
