@@ -83,9 +83,16 @@ def build_config(config_file: str | None, overrides: list[str]) -> VAETrainConfi
 
 
 def _as_declared(key: str, value, declared: str, where: str):
-    """A number field given as text (YAML reads 2e-3 and 1e-6 as strings: its floats need a dot) as that number;
-    text that is no number is an error naming the field."""
-    kind = declared.split("|")[0].strip()
+    """A number field given as text (YAML reads 2e-3 and 1e-6 as strings: its floats need a dot) as that number,
+    also inside tuple fields (betas=[5e-1, 9e-1]); None or null for an optional field; text that is no number is an
+    error naming the field."""
+    kinds = [k.strip() for k in declared.split("|")]
+    if isinstance(value, str) and value in ("None", "null") and "None" in kinds:
+        return None
+    kind = kinds[0]
+    if kind.startswith("tuple[") and isinstance(value, (list, tuple)):
+        inner = kind[len("tuple["):-1].split(",")[0].strip()
+        return type(value)(_as_declared(key, v, inner, where) for v in value)
     if not isinstance(value, str) or kind not in ("float", "int"):
         return value
     try:

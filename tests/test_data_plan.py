@@ -123,8 +123,13 @@ def test_the_fingerprint_follows_the_order_of_the_shards(shards):
 def test_swapping_two_encodes_of_the_same_inputs_changes_the_fingerprint(tmp_path):
     """An LQ and an HQ encode of one input list have the same shard names and counts; listed the other way round
     they plan other batches, so the order key names each shard's folder."""
-    lq = resolve_shards([str(make_shards(tmp_path / "lq", n_video=6, n_image=0))])
-    hq = resolve_shards([str(make_shards(tmp_path / "hq", n_video=6, n_image=0))])
+    lq = resolve_shards([str(make_shards(tmp_path / "lq" / "latents", n_video=6, n_image=0, size=(8, 8)))])
+    hq = resolve_shards([str(make_shards(tmp_path / "hq" / "latents", n_video=6, n_image=0, size=(16, 16)))])
     a, b = GlobalPlan(lq + hq, global_batch=2, seed=0), GlobalPlan(hq + lq, global_batch=2, seed=0)
     assert [[str(r.shard) for r in a.batch(p)] for p in range(3)] != [[str(r.shard) for r in b.batch(p)] for p in range(3)]
     assert a.fingerprint()["shards_order_sha256"] != b.fingerprint()["shards_order_sha256"]
+    import shutil  # a data folder moved and renamed keeps its fingerprint
+
+    shutil.copytree(tmp_path / "lq", tmp_path / "moved_lq", copy_function=shutil.copy2)
+    moved = resolve_shards([str(tmp_path / "moved_lq" / "latents")])
+    assert GlobalPlan(moved + hq, global_batch=2, seed=0).fingerprint() == a.fingerprint()

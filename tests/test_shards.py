@@ -86,7 +86,7 @@ def test_pickle_members_are_never_loaded(tmp_path):
 
 @pytest.mark.parametrize("meta", [b"[1]", b'{"frames": "nine"}', b'{"frames": null}', b'{"latent_frames": 0}',
                                   b'{"latent_frames": NaN}', b'{"frames": Infinity}', b'{"frames": 1e400}',
-                                  b'{"frames": 2.5}'])
+                                  b'{"frames": 2.5}', b'{"frames": 1' + b"0" * 400 + b"}", b'{"frames": 1e300}'])
 def test_a_malformed_sample_json_is_a_named_shard_error(tmp_path, meta):
     """A sample json that is not an object with a positive whole frame count (written by another tool, or
     damaged) is a ShardError naming the shard and the member, so the plan skips that shard as bad; it crashed the

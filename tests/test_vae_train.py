@@ -314,6 +314,8 @@ def test_number_fields_given_without_a_dot_are_numbers():
         build_config(None, ["lr=fast"])
     with pytest.raises(ValueError, match="model.latent_channels must be a whole number"):
         build_config(None, ["model.latent_channels=1e1"])
+    cfg = build_config(None, ["betas=[5e-1, 9e-1]", "lpips_frames=None", "model.latents_std=[1e-1, 2e-1]"])
+    assert cfg.betas == (0.5, 0.9) and cfg.lpips_frames is None and cfg.model["latents_std"] == [0.1, 0.2]
 
 
 def test_a_refused_resume_names_what_changed_and_old_event_folders_move(tmp_path):
@@ -325,13 +327,14 @@ def test_a_refused_resume_names_what_changed_and_old_event_folders_move(tmp_path
 
     from cogvx_ds.train.vae_trainer import VAETrainConfig, VAETrainer, adopt_old_tensorboard
 
-    before = VAETrainConfig(model={"latent_channels": 16}, lr=2e-3)
+    before = VAETrainConfig(model={"latent_channels": 16}, lr=2e-3, data_cache_mb=5.0)  # not hashed: not listed
     (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(before), default=str))
     now = build_config(None, ["model.latent_channels=16", "lr=2e-3", "steps=7"])
     assert now.lr == 0.002  # YAML reads 2e-3 as text (its floats need a dot): taken as the number the field is
     changes = VAETrainer._config_changes(types.SimpleNamespace(run_dir=tmp_path, cfg=now))
     assert "model.block_out_channels: None -> [16, 32, 32, 32]" in changes and "lr" not in changes
-    assert "steps" not in changes and "latent_channels" not in changes
+    assert "steps" not in changes and "latent_channels" not in changes and "data_cache_mb" not in changes
+    assert "ds_config" not in changes
     assert VAETrainer._config_changes(types.SimpleNamespace(run_dir=tmp_path / "none", cfg=now)) == ""
     (tmp_path / "tb").mkdir()
     (tmp_path / "tb" / "events.out.tfevents.1").write_bytes(b"x")

@@ -214,15 +214,15 @@ class GlobalPlan:
         for shard, n in zip(self.shards, np.bincount(self.shard_ids[self.samples], minlength=len(self.shards))):
             if n:
                 counts[shard.name] += int(n)
-                order.append((shard.parent.name, shard.name, int(n)))  # two encodes of one input list differ
-                # only in their folder (lq/, hq/: the same shard names and counts)
+                # with the file's size: two encodes of one input list (LQ, HQ) have the same shard names and
+                # counts, and their folders are often named alike (latents/); a moved or renamed folder keeps it
+                order.append((shard.name, int(n), shard.stat().st_size))
         listing = json.dumps(sorted(counts.items()) + sorted(Path(p).name for p in self.bad_paths))
         return {"samples": len(self.samples), "shards": len(counts), "unreadable_shards": len(self.bad_paths),
                 "seed": self.seed, "image_ratio": self.image_ratio, "global_batch": self.global_batch,
                 "shards_sha256": hashlib.sha256(listing.encode()).hexdigest()[:16],
                 # the shuffle indexes the shards in the order given: data.shards [A, B] and [B, A] plan other
-                # batches from the same files (a later key: checkpoints written without it are not checked on it;
-                # it names the shards' folders, so a renamed data folder changes it)
+                # batches from the same files (a later key: checkpoints written without it are not checked on it)
                 "shards_order_sha256": hashlib.sha256(json.dumps(order).encode()).hexdigest()[:16],
                 # the image/video mix changed (no one-kind tail): a checkpoint of the old mix resumes only with
                 # train.resume_with_new_data (plans without a ratio are unchanged)

@@ -207,14 +207,17 @@ def write_index(folder: str | os.PathLike, shard_entries: list[dict], extra: dic
 
 
 # ------------------------------------------------------------------------------------------------ manifests
+MAX_LATENT_FRAMES = 1_000_000  # far above any clip; a larger count in a sample json is damage, not data
+
+
 def sample_bucket(meta: dict, where: str = "sample json") -> tuple[str, int]:
     """A sample's (bucket, latent frames) from its json: how the training plan groups it. A json that is not an
     object with a positive whole frame count is a ShardError naming `where` (the shard is then skipped as bad)."""
     if not isinstance(meta, dict):
         raise ShardError(f"{where}: expected a JSON object, got {type(meta).__name__}")
     raw = meta.get("latent_frames", meta.get("frames", 1))
-    if (isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw) or raw != int(raw)
-            or raw < 1):
+    if (isinstance(raw, bool) or not isinstance(raw, (int, float)) or (isinstance(raw, float) and not math.isfinite(raw))
+            or not 1 <= raw <= MAX_LATENT_FRAMES or raw != int(raw)):
         raise ShardError(f"{where}: latent_frames/frames must be a positive whole number, got {raw!r}")
     frames = int(raw)
     return str(meta.get("bucket", f"{frames}")), frames

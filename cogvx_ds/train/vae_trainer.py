@@ -94,13 +94,17 @@ class VAETrainConfig:
         return GeneratorLossWeights(self.recon, self.lpips_weight, self.lpips_frames, self.kl_weight,
                                     self.disc_weight, self.disc_start, chroma_weight=self.chroma_weight)
 
-    def hash(self) -> str:
-        """Hash of what defines the training trajectory (not logging/steps), to refuse resuming another run."""
+    def hashed(self) -> dict:
+        """What defines the training trajectory (not logging/steps): what `hash` covers."""
         keep = {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in ("run_dir", "steps", "log_every", "video_every", "ckpt_every", "export", "data_cache_mb")}
         if keep["ds_config"] is None:  # the built-in config, hashed under the name its file had before
             keep["ds_config"] = "ds_configs/vae_zero2_cpu.json"
-        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return keep
+
+    def hash(self) -> str:
+        """Hash of `hashed`, to refuse resuming another run."""
+        return hashlib.sha256(json.dumps(self.hashed(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------------ distributed
@@ -296,11 +300,12 @@ class VAETrainer:
             before = json.loads((self.run_dir / "config.json").read_text())
         except (OSError, ValueError):
             return ""
-        now = json.loads(json.dumps(dataclasses.asdict(self.cfg), default=str))
+        now = json.loads(json.dumps(self.cfg.hashed(), default=str))  # only what the hash covers
+        if before.get("ds_config") is None:
+            before["ds_config"] = "ds_configs/vae_zero2_cpu.json"
         changed = [f"model.{k}: {before.get('model', {}).get(k)!r} -> {v!r}" for k, v in now["model"].items()
                    if isinstance(before.get("model"), dict) and before["model"].get(k) != v]
-        changed += [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in now.items() if k != "model" and before.get(k) != v
-                    and k not in ("run_dir", "steps", "log_every", "video_every", "ckpt_every", "export")]
+        changed += [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in now.items() if k != "model" and before.get(k) != v]
         return f"; changed since the last start: {', '.join(changed)}" if changed else ""
 
     def resume(self) -> bool:
