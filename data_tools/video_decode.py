@@ -249,17 +249,21 @@ def _stream_clips(plans: list[ClipPlan], fetch: Callable[[list[int]], dict[int, 
     return clips
 
 
+def _stream_aspect(stream) -> float:
+    """A PyAV video stream's pixel aspect ratio from the container header (1 where it says none)."""
+    sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+    return float(sar) if sar and sar > 0 else 1.0
+
+
 def _sample_aspect(path: Path) -> float:
-    """The stream's pixel aspect ratio from the container header (1 where it says none); decord does not apply it."""
+    """The file's pixel aspect ratio (1 where it says none or cannot be read); decord does not apply it."""
     import av
 
     try:
         with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+            return _stream_aspect(container.streams.video[0])
     except Exception:
         return 1.0
-    return float(sar) if sar and sar > 0 else 1.0
 
 
 def _displayed(height: int, width: int, sar: float, turns: int) -> tuple[int, int]:
@@ -371,8 +375,7 @@ def _pyav_info(path: Path) -> VideoInfo:
             raise RuntimeError("no video stream (truncated, audio-only or not a video)")
         stream = container.streams.video[0]
         fps = float(stream.average_rate or stream.guessed_rate or stream.base_rate or 0)
-        sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
-        sar = float(sar) if sar and sar > 0 else 1.0
+        sar = _stream_aspect(stream)
         pts = [p.pts * p.time_base for p in container.demux(stream) if p.size and p.pts is not None]
         count = stream.frames or len(pts)  # header, else packets
         height, width = stream.codec_context.height, stream.codec_context.width
