@@ -51,11 +51,15 @@ PRESETS = {
 }
 
 
-def model_flops(layers: int, dim: int, n_tokens: int, heads_dim: int, latent_patches: int, text_len: int) -> float:
-    """Matmul FLOPs of one forward pass (linear layers + attention), times 3 for forward + backward."""
+def model_flops(layers: int, dim: int, n_tokens: int, heads_dim: int, latent_patches: int, text_len: int,
+                text_in_last_block: bool = True) -> float:
+    """Matmul FLOPs of one forward pass (linear layers + attention), times 3 for forward + backward.
+    text_in_last_block=False: ours, whose last block runs the text tokens as keys and values only (no text
+    queries, output projection or MLP: cogvx_ds.models.dit.layers.ExpertBlock); diffusers computes them."""
     seq = n_tokens + text_len
     per_layer = 2 * seq * dim * 3 * dim + 2 * seq * dim * dim + 2 * 2 * seq * dim * 4 * dim + 2 * 2 * seq * seq * dim
-    return 3 * layers * per_layer
+    skipped = 0 if text_in_last_block else 2 * text_len * dim * dim * 9 + 2 * 2 * text_len * seq * dim
+    return 3 * (layers * per_layer - skipped)
 
 
 def _iqr(ratios) -> str:
@@ -180,7 +184,8 @@ def main(argv=None) -> int:
             args.head_dim, ((0, 0), (h // 2, w // 2)), (h // 2, w // 2), f, use_real=True))
     tokens = f * h * w // 4
     dim = args.heads * args.head_dim
-    flops = args.batch * model_flops(args.layers, dim, tokens, args.head_dim, tokens, args.text_len)
+    flops = args.batch * model_flops(args.layers, dim, tokens, args.head_dim, tokens, args.text_len)  # diffusers'
+    ours_flops = args.batch * model_flops(args.layers, dim, tokens, args.head_dim, tokens, args.text_len, False)
 
     rows, breakdowns, reps_used, peak_dtypes = [], {}, {}, {}
     with tempfile.TemporaryDirectory() as d:
@@ -262,16 +267,16 @@ def main(argv=None) -> int:
                        "diffusers_fwd_bwd_s": median(fwd_bwd_times["diffusers"]),
                        "ours_tokens_per_s": args.batch * (tokens + args.text_len) / mo,
                        "diffusers_tokens_per_s": args.batch * (tokens + args.text_len) / mr,
-                       "ours_gflops": flops / mo / 1e9, "diffusers_gflops": flops / mr / 1e9,
+                       "ours_gflops": ours_flops / mo / 1e9, "diffusers_gflops": flops / mr / 1e9,
                        "matmul_peak_gflops": peak, "peak_dtype": peak_dtypes[dt_name],
-                       "ours_pct_peak": 100 * flops / mo / 1e9 / peak,
+                       "ours_pct_peak": 100 * ours_flops / mo / 1e9 / peak,
                        "speedup_iqr": _iqr(ratios),
                        "ratios": ratios, "ours_all_s": times[name], "diffusers_all_s": times["diffusers"],
                        "peaks": peaks, "device": str(device)}
                 if memory:
                     row["ours_step_peak_gib"], row["diffusers_step_peak_gib"] = memory[name], memory["diffusers"]
                 if args.spec_tflops:
-                    row["ours_mfu_spec_pct"] = 100 * flops / mo / 1e12 / args.spec_tflops
+                    row["ours_mfu_spec_pct"] = 100 * ours_flops / mo / 1e12 / args.spec_tflops
                 bd = breakdowns.get(f"{dt_name}/ours")
                 if name == "ours" and bd:
                     row["linear_gflops"] = bd["linear_gflops"]
@@ -312,7 +317,8 @@ def main(argv=None) -> int:
                     [("total", "total", "{:.0f}"), ("lin", "matmul GFLOP/s", "{:.1f}"),
                      ("peak", "peak", "{:.0f}"), ("pct", "% of peak", "{:.0f}%"),
                      ("big", "large: % of peak", "{:.0f}%"), ("share", "(FLOP share)", "{:.0%}")])
-    path = write_results("dit_step", {"config": cfg, "batch": args.batch, "flops_per_step": flops, "rows": rows,
+    path = write_results("dit_step", {"config": cfg, "batch": args.batch, "flops_per_step": flops,
+                                      "ours_flops_per_step": ours_flops, "rows": rows,
                                       "breakdown": breakdowns, "threads": torch.get_num_threads(),
                                       "clock": args.clock, "preset": args.preset, "device": str(device),
                                       "rounds": reps_used})

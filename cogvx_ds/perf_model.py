@@ -101,60 +101,72 @@ def param_count(m: ModelConfig, tp: int = 1) -> int:
 
 
 # --------------------------------------------------------------------------------------------------- FLOPs
-def flops_per_sample(m: ModelConfig, n_text: int, n_video: int, recompute: bool = False) -> dict:
+def flops_per_sample(m: ModelConfig, n_text: int, n_video: int, recompute: bool = False, sp: int = 1) -> dict:
     """Matmul FLOPs (multiply-add = 2) of one sample: forward, backward, total.
 
     Backward is twice the forward, except for the three layers whose inputs need no gradient (patch
     convolution, text projection and the first timestep linear: weight gradient only). Attention backward is
     counted as four S x S matmuls (twice the forward); real flash kernels also recompute Q K^T. With activation
-    checkpointing (`recompute`) the blocks run their forward once more during backward.
+    checkpointing (`recompute`) the blocks run their forward once more during backward. The last block runs the
+    text tokens as keys and values only (see ExpertBlock): their queries (under SP they are kept), output
+    projection and MLP are not computed, nor the final layers' text rows.
     """
     d, t, p2 = m.inner_dim, m.time_embed_dim, m.patch_size**2
     s = n_text + n_video
     no_input_grad = 2 * n_video * m.in_channels * p2 * d + 2 * n_text * m.text_embed_dim * d + 2 * d * t
-    # time linear_2, norm_out's linear, proj_out (on the whole stream: the text rows are dropped after it)
-    other = 2 * t * t + 2 * t * 2 * d + 2 * s * d * p2 * m.out_channels
-    layer_linear = 2 * s * d * (3 * d + d + 8 * d) + 2 * 2 * t * 6 * d  # qkv, proj, MLP, two AdaLN linears
-    layer_attention = 2 * 2 * s * s * d  # Q K^T and P V over all heads
-    layer = layer_linear + layer_attention
-    forward = no_input_grad + other + m.num_layers * layer
-    backward = no_input_grad + 2 * (other + m.num_layers * layer)
-    extra = m.num_layers * layer if recompute else 0
+    other = 2 * t * t + 2 * t * 2 * d + 2 * n_video * d * p2 * m.out_channels  # time linear_2, norm_out, proj_out
+
+    def layer(tokens: int, queries: int) -> int:
+        # qkv on the whole stream; proj and MLP on `tokens`; the two AdaLN linears; Q K^T and P V for `queries`
+        return 2 * s * d * 3 * d + 2 * tokens * d * (d + 8 * d) + 2 * 2 * t * 6 * d + 2 * 2 * queries * s * d
+
+    blocks = (m.num_layers - 1) * layer(s, s) + layer(n_video, s if sp > 1 else n_video)
+    attention = 2 * 2 * s * d * ((m.num_layers - 1) * s + (s if sp > 1 else n_video))
+    forward = no_input_grad + other + blocks
+    backward = no_input_grad + 2 * (other + blocks)
+    extra = blocks if recompute else 0
     return {"forward": forward, "backward": backward, "recompute": extra, "total": forward + backward + extra,
-            "attention_fraction": 3 * m.num_layers * layer_attention / (forward + backward)}
+            "attention_fraction": 3 * attention / (forward + backward)}
 
 
 # --------------------------------------------------------------------------------------------------- activations
 def _layer_saved(m: ModelConfig, n_text: int, n_video: int, sp: int, tp: int, dtype_bytes: int,
-                 attention: str = "sdpa", recompute_gelu: bool = False) -> float:
+                 attention: str = "sdpa", recompute_gelu: bool = False, last: bool = False) -> float:
     """Bytes one ExpertBlock leaves for its backward on one rank (micro-batch 1), tensor by tensor
     (`recompute_gelu`: `model.recompute_gelu`, the GELU output rebuilt in backward instead of kept).
 
     A block works on one [text; video] stream: under Ulysses SP each rank holds 1/SP of the text tokens and 1/SP
     of the video tokens and runs the token-local work on them, and attention on the full sequence with
     heads/(TP*SP). TP splits the heads and the MLP hidden; the stream, the LayerNorms and the inputs of the QKV /
-    fc1 projections stay whole on every TP rank (Megatron sequence parallelism is not used).
+    fc1 projections stay whole on every TP rank (Megatron sequence parallelism is not used). The `last` block
+    runs the text tokens as keys and values only: everything after attention, and without SP the queries, cover
+    the video tokens alone.
     """
     e, f32 = dtype_bytes, 4
     d, dl, heads = m.inner_dim, m.inner_dim // tp, m.num_attention_heads // tp
     tok = n_text / sp + n_video // sp  # tokens this rank runs token-local work on (text split as evenly as it goes)
+    out = n_video // sp if last else tok  # tokens after attention
     seq = (n_text + n_video) / sp  # attention: full sequence, 1/SP of the heads
-    # whole width: the two fused AdaLNs' inputs (the block input and the mid-block stream; they save x and the
-    # statistics, not the normalised output), the QKV and fc1 inputs, the attention projection and fc2 outputs
-    # (the gated residuals save them)
-    full = 6 * d * tok
+    rows = n_video if last and sp == 1 else tok  # query rows (under SP: this rank's share of them)
+    # whole width: the block input (the first fused AdaLN saves x and the statistics, not the normalised output) and
+    # the QKV input; after attention the mid-block stream (the second AdaLN's input), the fc1 input, the attention
+    # projection and fc2 outputs (the gated residuals save them)
+    full = 2 * d * tok + 4 * d * out
     # QKV output (the QK-norm input; v is a view of it), fc1 and GELU outputs
-    split = 3 * dl * tok + (4 if recompute_gelu else 8) * dl * tok
-    stats = (2 * 2 + 2 * 2 * heads) * tok * f32  # mean/rstd of the two AdaLN norms and of the QK norms
+    split = 3 * dl * tok + (4 if recompute_gelu else 8) * dl * out
+    stats = (2 * (tok + out) + 2 * heads * (tok + rows)) * f32  # mean/rstd of the two AdaLN norms and the QK norms
     if attention == "tiled":  # the CPU tiled kernel (models.dit.attention): its own per-head copies of q (scaled), k
-        # and v, its output, the probabilities (heads/SP x all tokens^2), and the proj input (a re-laid-out copy)
-        saved = 4 * dl * seq * e + heads * (n_text + n_video) * seq * e + dl * tok * e
+        # and v, its output, the probabilities (heads/SP x its query rows x all tokens), and the proj input (a
+        # re-laid-out copy; under SP the re-joined output, of which the last block's proj input is a view)
+        q_rows = rows * sp if sp > 1 else rows  # under SP the kernel sees every rank's queries
+        saved = 2 * dl * (seq + q_rows / sp) * e + heads * q_rows * seq * e + dl * (out if sp == 1 else tok) * e
     elif sp == 1:  # SDPA saves q and k (rotated, or the QK-norm outputs), the qkv view v, and its output (= proj input)
         # (on CPUs the fused QK norm writes q head-major, SDPA's output follows it and the projection's input is a
         # token-major copy: dl x tok more, not counted; on GPUs q stays token-major)
-        saved = 3 * dl * tok * e + heads * tok * f32
+        saved = dl * (2 * rows + tok) * e + heads * rows * f32
     else:  # Ulysses: the received q/k/v buffer (SDPA reads views of it) and SDPA's output over seq x heads/SP,
-        # plus the re-joined output for proj; the rotated q, k before the all-to-all are not kept
+        # plus the re-joined output for proj (the last block's proj input is a view of it); the rotated q, k before
+        # the all-to-all are not kept
         saved = 4 * dl * seq * e + heads * seq * f32 + dl * tok * e
     return (full + split) * e + stats + saved
 
@@ -171,18 +183,21 @@ def activation_bytes(m: ModelConfig, n_text: int, n_video: int, sp: int = 1, tp:
     checkpointing, as in the model."""
     e, d = dtype_bytes, m.inner_dim
     tok = n_text / sp + n_video // sp  # this rank's [text; video] stream
-    layer = _layer_saved(m, n_text, n_video, sp, tp, e, attention, recompute_gelu and not checkpointing)
+    gelu = recompute_gelu and not checkpointing
+    layer = _layer_saved(m, n_text, n_video, sp, tp, e, attention, gelu)
+    last = _layer_saved(m, n_text, n_video, sp, tp, e, attention, gelu, last=True)
     block_input = tok * d * e  # the [text; video] stream entering a block
     # outside the blocks: the patch-matmul input (the patchified copy of all latents; an SP rank's slice is a view
-    # of it) and the text-projection input (a view of the whole text input); then on the whole stream, text rows
-    # included: norm_final's input, norm_out's input (= norm_final's output), proj_out's input, LayerNorm stats
+    # of it) and the text-projection input (a view of the whole text input); then on the video tokens the last
+    # block returns: norm_final's input, norm_out's input (= norm_final's output), proj_out's input, LayerNorm stats
     inputs = (n_video * m.in_channels * m.patch_size**2 + n_text * m.text_embed_dim) * e
-    top = inputs + 3 * tok * d * e + 2 * 2 * tok * 4
+    video = n_video // sp
+    top = inputs + 3 * video * d * e + 2 * 2 * video * 4
     if checkpointing:  # each block keeps only its input stream
         stored = m.num_layers * block_input + top
-        peak = stored + layer
+        peak = stored + max(layer, last)
     else:
-        stored = peak = m.num_layers * layer + top
+        stored = peak = (m.num_layers - 1) * layer + last + top
     return {"per_layer": layer * micro_batch, "block_input": block_input * micro_batch,
             "stored": stored * micro_batch, "peak": peak * micro_batch}
 

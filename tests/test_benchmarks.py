@@ -106,3 +106,33 @@ def test_gpu_smoke_commands_run_on_the_cpu(tmp_path):
     assert (tmp_path / "smoke" / "dit" / "profile" / "steps_2-3" / "rank0.pt.trace.json").is_file()
     assert (tmp_path / "smoke" / "vae" / "export" / "config.json").is_file()
     assert (tmp_path / "smoke" / "pipe" / "transformer" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("kind", ["2b", "5b"])
+def test_dit_step_flop_counts_are_what_each_model_computes(kind, tmp_path):
+    """The benchmark's FLOPs per step: diffusers' (every block on the whole stream) and ours (the last block runs
+    the text tokens as keys and values only) differ by what torch's FlopCounterMode counts for the two models on
+    the same weights and inputs (SDPA on its math path, which the counter sees as matmuls)."""
+    from dit_helpers import CONFIGS, SIZES, make_inputs, make_reference, reference_rope
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cogvx_ds.models import CogVideoXTransformer
+
+    ref = make_reference(kind)
+    ref.save_pretrained(tmp_path)
+    ours = CogVideoXTransformer.from_diffusers(tmp_path, cpu_attention="sdpa")
+    x, text, t, probe = make_inputs(kind, SIZES[0], batch=1)
+    rope = reference_rope(CONFIGS[kind], x.shape[1], x.shape[3], x.shape[4]) if kind == "5b" else None
+
+    def counted(fn):
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            (fn() * probe).sum().backward()
+        return counter.get_total_flops()
+
+    theirs = counted(lambda: ref(x, text, t[:1], image_rotary_emb=rope, return_dict=False)[0])
+    mine = counted(lambda: ours(x, text, t[:1]))
+    cfg = CONFIGS[kind]
+    video, dim = x.shape[1] * x.shape[3] * x.shape[4] // 4, cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    args = (cfg["num_layers"], dim, video, cfg["attention_head_dim"], video, cfg["max_text_seq_length"])
+    assert theirs - mine == dit_step.model_flops(*args) - dit_step.model_flops(*args, text_in_last_block=False) > 0

@@ -69,6 +69,40 @@ def test_tiled_attention_bfloat16_is_as_accurate_as_sdpa(shape, logit_scale):
         assert e < BF16_MAX and e < BF16_RATIO * ref, (name, e, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tile_bytes", [A.TILE_BYTES, 40_000], ids=["default_tiles", "small_tiles"])
+def test_tiled_attention_with_fewer_queries_than_keys(dtype, tile_bytes, monkeypatch):
+    """The last block's case: the video tokens' queries (the stream without its first n_text rows) against the
+    whole stream's keys and values. Output and gradients against float64, within the same bounds as above."""
+    monkeypatch.setattr(A, "TILE_BYTES", tile_bytes)
+    if tile_bytes != A.TILE_BYTES:
+        monkeypatch.setattr(A, "TILE_BYTES_ONE_PAIR_PER_THREAD", 0)
+    n_text, shape = 37, (2, 160, 3, 32)
+    qkv = _qkv(*shape, dtype)
+    cot = torch.randn(shape[0], shape[1] - n_text, *shape[2:]).to(dtype)
+
+    def video_queries(fn):
+        return lambda q, k, v: fn(q[:, n_text:], k, v)
+
+    ours = _errors_rows(qkv, cot, video_queries(lambda q, k, v: A.attention(q, k, v, "tiled")), n_text)
+    assert A.use_tiled(qkv[:, n_text:, 0], "tiled", True, shape[1])
+    if dtype == torch.float32:
+        assert max(ours) < FP32_TOL
+    else:
+        sdpa = _errors_rows(qkv, cot, video_queries(A.sdpa_attention), n_text)
+        for name, e, ref in zip(["output", "dq", "dk", "dv"], ours, sdpa):
+            assert e < BF16_MAX and e < BF16_RATIO * ref, (name, e, ref)
+
+
+def _errors_rows(qkv, cotangent, fn, n_text):
+    """`_errors` for queries from row n_text on (their gradient rows; the text rows' q gradient is zero)."""
+    exact = qkv.detach().double().requires_grad_()
+    ref_out, ref_grad = _run(exact, cotangent.double(), lambda q, k, v: A.sdpa_attention(q[:, n_text:], k, v))
+    out, grad = _run(qkv, cotangent, fn)
+    assert not grad[:, :n_text, 0].any()
+    return [rel_err(out, ref_out)] + [rel_err(grad[:, :, i], ref_grad[:, :, i]) for i in range(3)]
+
+
 def test_tiled_attention_gradcheck(monkeypatch):
     monkeypatch.setattr(A, "TILE_BYTES_ONE_PAIR_PER_THREAD", 0)
     # tiles are sized in float32 scores (196 bytes a pair here): 2 tiles (4 + 2), one tile

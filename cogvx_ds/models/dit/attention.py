@@ -82,8 +82,9 @@ def sdpa_attention(q, k, v):
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
-def use_tiled(q, kernel: str = "auto", needs_grad: bool = True) -> bool:
-    """Whether `attention` takes the tiled kernel for q [B, S, heads, d] (see the module docstring)."""
+def use_tiled(q, kernel: str = "auto", needs_grad: bool = True, kv_len: int | None = None) -> bool:
+    """Whether `attention` takes the tiled kernel for q [B, S, heads, d] and kv_len keys (default S; see the module
+    docstring)."""
     if kernel not in KERNELS:
         raise ValueError(f"attention kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel == "sdpa" or torch.compiler.is_compiling():
@@ -91,22 +92,23 @@ def use_tiled(q, kernel: str = "auto", needs_grad: bool = True) -> bool:
     if kernel == "tiled":
         return True
     b, s, heads, _ = q.shape
+    kv_len = s if kv_len is None else kv_len
     shortest = TILED_MIN_TOKENS_ONE_THREAD.get(q.dtype, 0) if torch.get_num_threads() == 1 else 0
     longest = TILED_MAX_TOKENS.get(q.dtype, 0)
     if not needs_grad:
         longest = min(longest, TILED_MAX_TOKENS_NO_GRAD.get(q.dtype, longest))
-    if q.device.type != "cpu" or not shortest <= s <= longest:
+    if q.device.type != "cpu" or not shortest <= kv_len <= longest:
         return False
-    return not needs_grad or b * heads * s * s * q.element_size() <= TILED_MAX_SAVED_BYTES
+    return not needs_grad or b * heads * s * kv_len * q.element_size() <= TILED_MAX_SAVED_BYTES
 
 
 def attention(q, k, v, kernel: str = "auto"):
-    """Full attention; q, k, v [B, S, heads, d] (any strides) -> [B, S, heads, d]."""
+    """Full attention; q [B, S, heads, d], k, v [B, S_kv, heads, d] (any strides) -> [B, S, heads, d]."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if q.numel() == 0 or not use_tiled(q, kernel, needs_grad):
+    if q.numel() == 0 or not use_tiled(q, kernel, needs_grad, k.shape[1]):
         return sdpa_attention(q, k, v)
     b, s, heads, d = q.shape
-    pairs = [t.transpose(1, 2).reshape(b * heads, s, d).contiguous() for t in (q, k, v)]  # [B*heads, S, d]
+    pairs = [t.transpose(1, 2).reshape(b * heads, t.shape[1], d).contiguous() for t in (q, k, v)]  # [B*heads, S, d]
     out = _TiledAttention.apply(*pairs, needs_grad)
     return out.view(b, heads, s, d).transpose(1, 2)
 
@@ -121,9 +123,9 @@ def _augment(x, cols):
     return out
 
 
-def _tile(n: int, s: int, dtype) -> int:
-    """How many (sample, head) pairs one tile of scores holds."""
-    pair = max(1, s * s * dtype.itemsize)
+def _tile(n: int, s: int, dtype, s_kv: int | None = None) -> int:
+    """How many (sample, head) pairs one tile of scores (s x s_kv, default s x s) holds."""
+    pair = max(1, s * (s if s_kv is None else s_kv) * dtype.itemsize)
     per_thread = min(torch.get_num_threads(), TILE_BYTES_ONE_PAIR_PER_THREAD // pair)
     return max(1, min(n, max(TILE_BYTES // pair, per_thread)))
 
@@ -135,7 +137,7 @@ def _hi_lo(x, dtype):
 
 
 class _TiledAttention(torch.autograd.Function):
-    """q, k, v [N, S, d] contiguous (N = batch x heads) -> O [N, S, d]; see the module docstring.
+    """q [N, S, d], k, v [N, S_kv, d] contiguous (N = batch x heads) -> O [N, S, d]; see the module docstring.
 
     Every matmul writes into its destination (`out=`): the output's and the gradients' tiles, a kept tile of
     probabilities, and in the backward one dS buffer reused by all tiles, so no tile-sized temporaries are
@@ -143,21 +145,21 @@ class _TiledAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, keep: bool):
-        n, s, d = q.shape
+        (n, s, d), s_kv = q.shape, k.shape[1]
         half = q.element_size() < 4
         scale = d**-0.5
         # The scores are float32 in every dtype: in half precision from float32 copies of q and k (one float32
         # matmul costs less than the two half-precision ones that a rounding-safe S - rowmax would need), and the
         # probabilities are rounded once, after the softmax. The 1 / sqrt(d) is the matmul's alpha.
         qf, kf = (q.float(), k.float()) if half else (q, k)
-        c = _tile(n, s, torch.float32)
+        c = _tile(n, s, torch.float32, s_kv)
         out = torch.empty_like(q)
         probs = []
         scores = None
         for i in range(0, n, c):
             j = min(n, i + c)
             if scores is None or scores.shape[0] != j - i or (keep and not half):
-                scores = qf.new_empty(j - i, s, s)  # float32 keeps each tile; half reuses one float32 tile
+                scores = qf.new_empty(j - i, s, s_kv)  # float32 keeps each tile; half reuses one float32 tile
             torch.baddbmm(scores, qf[i:j], kf[i:j].transpose(1, 2), beta=0, alpha=scale, out=scores)
             p = torch._softmax(scores, -1, False, out=scores)
             if half:

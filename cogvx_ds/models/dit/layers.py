@@ -160,17 +160,25 @@ class Attention(nn.Module):
         self.proj = RowLinear(dim, dim, config=mp, init_method=_no_init, bias=True,
                               input_is_parallel=True, skip_bias_add=False, tp_group=state.tp_group())
 
-    def forward(self, x, n_text, rope=None, compute=None, sp_sizes=None):
+    def forward(self, x, n_text, rope=None, compute=None, sp_sizes=None, keep_text=True):
         """x [B, S, D] stream; rope: RoPE tables of the whole stream (fused.rope_tables). With `compute`
         set (the half-precision CPU fallback) the whole sublayer runs in that dtype; returns x's dtype. Under SP,
-        sp_sizes[r] is the stream length of SP rank r (parallel.ulysses)."""
+        sp_sizes[r] is the stream length of SP rank r (parallel.ulysses). keep_text=False returns the video
+        tokens' output only (the text tokens still serve as keys and values); without SP their queries are
+        dropped before attention."""
         qkv, _ = self.qkv(_to(x, compute))
         q, k, v = qkv.unflatten(-1, (3, self.local_heads, self.head_dim)).unbind(2)
-        q, k = self.norm_q(q, rope), self.norm_k(k, rope)
+        k = self.norm_k(k, rope)
+        if keep_text or sp_sizes is not None:
+            q = self.norm_q(q, rope)
+        else:
+            q = self.norm_q(q[:, n_text:], None if rope is None else rope[:, n_text:])
         if sp_sizes is None:
             out = attention(q, k, v, self.kernel)
         else:
             out = ulysses_attention(q, k, v, sp_sizes, state.sp_group(), partial(attention, kernel=self.kernel))
+            if not keep_text:
+                out = out[:, n_text:]
         out, _ = self.proj(out.flatten(2))
         return out.to(x.dtype)
 
@@ -207,9 +215,15 @@ class ExpertBlock(nn.Module):
         self.norm2 = ExpertAdaLN(cfg.time_embed_dim, dim, cfg.norm_eps, cfg.norm_elementwise_affine)
         self.mlp = MLP(cfg, mp)
 
-    def forward(self, x, temb, n_text: int, rope=None, compute=None, sp_sizes=None):
-        """x: [B, n_text + video tokens, D], text first (under SP: this rank's slices of both)."""
+    def forward(self, x, temb, n_text: int, rope=None, compute=None, sp_sizes=None, keep_text: bool = True):
+        """x: [B, n_text + video tokens, D], text first (under SP: this rank's slices of both) -> the same stream,
+        or with keep_text=False (the last block, whose text outputs nothing reads) the video tokens only: the
+        text tokens then enter attention as keys and values, and skip the rest (their queries, output projection,
+        MLP and residuals), as the last block of SD3's MMDiT does with its context stream."""
         h, t_gate, gate = self.norm1(x, n_text, temb)
-        x = gated_residual(x, self.attn(h, n_text, rope, compute, sp_sizes), n_text, t_gate, gate)
+        a = self.attn(h, n_text, rope, compute, sp_sizes, keep_text)
+        if not keep_text:
+            x, n_text = x[:, n_text:], 0
+        x = gated_residual(x, a, n_text, t_gate, gate)
         h, t_gate, gate = self.norm2(x, n_text, temb)
         return gated_residual(x, self.mlp(h, compute), n_text, t_gate, gate)

@@ -176,13 +176,14 @@ class CogVideoXTransformer(nn.Module):
             video_sizes = [_span(sp_chunk(n_video, sp, r)) for r in range(sp)]
             sp_sizes = [_span(sp_chunk(n_text_all, sp, r)) + video_sizes[r] for r in range(sp)]
         x = torch.cat([text, video], 1)  # one [text; video] stream through all blocks
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            # the last block returns the video tokens only: nothing reads the text tokens' outputs
+            args = (x, temb, n_text, rope, compute, sp_sizes, i < len(self.blocks) - 1)
             if cfg.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, temb, n_text, rope, compute, sp_sizes, use_reentrant=False)
+                x = checkpoint(block, *args, use_reentrant=False)
             else:
-                x = block(x, temb, n_text, rope, compute, sp_sizes)
-        # The final layers run on the whole stream and the text rows are dropped after the narrow output
-        # projection: cheaper than slicing the wide stream (whose backward writes a full-width zero tensor).
+                x = block(*args)
+        n_text = n_text if not self.blocks else 0  # text rows left in x
         out = self.norm_out(self.norm_final(x), n_text, temb)
         out = self.proj_out(out if compute is None else out.to(compute)).to(dtype)[:, n_text:]
         if not gather_output:
