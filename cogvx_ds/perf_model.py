@@ -101,15 +101,17 @@ def param_count(m: ModelConfig, tp: int = 1) -> int:
 
 
 # --------------------------------------------------------------------------------------------------- FLOPs
-def flops_per_sample(m: ModelConfig, n_text: int, n_video: int, recompute: bool = False, sp: int = 1) -> dict:
+def flops_per_sample(m: ModelConfig, n_text: int, n_video: int, recompute: bool = False) -> dict:
     """Matmul FLOPs (multiply-add = 2) of one sample: forward, backward, total.
 
     Backward is twice the forward, except for the three layers whose inputs need no gradient (patch
     convolution, text projection and the first timestep linear: weight gradient only). Attention backward is
-    counted as four S x S matmuls (twice the forward); real flash kernels also recompute Q K^T. With activation
-    checkpointing (`recompute`) the blocks run their forward once more during backward. The last block runs the
-    text tokens as keys and values only (see ExpertBlock): their queries (under SP they are kept), output
-    projection and MLP are not computed, nor the final layers' text rows.
+    counted as four queries x S matmuls (twice the forward); real flash kernels also recompute Q K^T. With
+    activation checkpointing (`recompute`) the blocks run their forward once more during backward. The last block
+    runs the text tokens as keys and values only (see ExpertBlock): their queries, output projection and MLP are
+    not computed, nor the final layers' text rows. These are the model's FLOPs, whatever the layout (as MFU counts
+    them): under Ulysses SP the last block's text queries still travel and are dropped after attention, and the
+    small replicated linears (timestep MLP, AdaLN) run on every SP rank; neither is counted.
     """
     d, t, p2 = m.inner_dim, m.time_embed_dim, m.patch_size**2
     s = n_text + n_video
@@ -120,8 +122,8 @@ def flops_per_sample(m: ModelConfig, n_text: int, n_video: int, recompute: bool 
         # qkv on the whole stream; proj and MLP on `tokens`; the two AdaLN linears; Q K^T and P V for `queries`
         return 2 * s * d * 3 * d + 2 * tokens * d * (d + 8 * d) + 2 * 2 * t * 6 * d + 2 * 2 * queries * s * d
 
-    blocks = (m.num_layers - 1) * layer(s, s) + layer(n_video, s if sp > 1 else n_video)
-    attention = 2 * 2 * s * d * ((m.num_layers - 1) * s + (s if sp > 1 else n_video))
+    blocks = (m.num_layers - 1) * layer(s, s) + layer(n_video, n_video)
+    attention = 2 * 2 * s * d * ((m.num_layers - 1) * s + n_video)
     forward = no_input_grad + other + blocks
     backward = no_input_grad + 2 * (other + blocks)
     extra = blocks if recompute else 0

@@ -85,7 +85,6 @@ def test_tiled_attention_with_fewer_queries_than_keys(dtype, tile_bytes, monkeyp
         return lambda q, k, v: fn(q[:, n_text:], k, v)
 
     ours = _errors_rows(qkv, cot, video_queries(lambda q, k, v: A.attention(q, k, v, "tiled")), n_text)
-    assert A.use_tiled(qkv[:, n_text:, 0], "tiled", True, shape[1])
     if dtype == torch.float32:
         assert max(ours) < FP32_TOL
     else:
@@ -133,6 +132,15 @@ def test_route():
     for dtype in (torch.bfloat16, torch.float32):
         long = torch.empty(1, A.TILED_MAX_TOKENS[dtype] + 1, 2, 64, dtype=dtype)
         assert not A.use_tiled(long, "auto") and A.use_tiled(long[:, :-1], "auto")
+        # fewer queries than keys (the last block): the key count bounds the route
+        q = long[:, :-100]
+        assert not A.use_tiled(q, "auto", True, long.shape[1]) and A.use_tiled(q, "auto", True, long.shape[1] - 1)
+    # and the kept probabilities are queries x keys: 200 heads x 512 x 1,024 bfloat16 = 200 MiB fit the cap, 1,024^2
+    # would not
+    q = torch.empty(1, 512, 200, 64, dtype=torch.bfloat16)
+    assert A.TILED_MAX_SAVED_BYTES == 256 << 20
+    assert A.use_tiled(q, "auto", True, 1024) and not A.use_tiled(q, "auto", True, 2048)
+    assert not A.use_tiled(torch.empty(1, 1024, 200, 64, dtype=torch.bfloat16), "auto", True, 1024)
     # float32, many short sequences: the tiled kernel with two threads or more, SDPA on one thread
     short = torch.empty(32, A.TILED_MIN_TOKENS_ONE_THREAD[torch.float32] - 1, 4, 32)
     threads = torch.get_num_threads()

@@ -331,7 +331,7 @@ class Trainer:
         from cogvx_ds.perf_model import flops_per_sample
 
         m = self.cfg.model
-        return float(flops_per_sample(m, m.max_text_seq_length, n_video, sp=state.sp_size())["total"])
+        return float(flops_per_sample(m, m.max_text_seq_length, n_video)["total"])
 
     def _throughput(self, flops_per_gpu_s: float) -> dict:
         """tflops_per_gpu, and mfu against train.peak_tflops when given."""
