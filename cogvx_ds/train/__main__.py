@@ -21,7 +21,9 @@ def main(argv=None) -> int:
     ap.add_argument("--config", action="append", default=[], metavar="YAML",
                     help="config file or packaged name (model/tiny, stages/lq_pretrain, ...); later ones win")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.lr=1e-4 data.shards=[a/]")
-    ap.add_argument("--print-config", action="store_true", help="print the resolved, validated config and exit")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved, validated config and exit (alone: every key with its default). The "
+                         "layout is checked against WORLD_SIZE (default 1): WORLD_SIZE=8 ... --print-config checks an "
+                         "8-process launch, train.ds_config included")
     # the deepspeed launcher appends --local_rank=N (and sets LOCAL_RANK, which is what is read)
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_intermixed_args(argv)  # --config may come after overrides
@@ -41,7 +43,7 @@ def main(argv=None) -> int:
         world = int(os.environ.get("WORLD_SIZE", task[1] if task else 1))
         validate(cfg, world_size=world)
         try:  # the DeepSpeed config file too: the launchers' --print-config check runs before any process starts
-            build_ds_config(cfg)
+            build_ds_config(cfg, world)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(str(e)) from None
         if not cfg.data.shards and not args.print_config:  # a config can be inspected before data exists

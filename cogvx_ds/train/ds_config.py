@@ -39,17 +39,28 @@ def _read(path: Path) -> dict:
     return ds
 
 
-def _check_user_config(ds: dict, cfg: Config, path: Path) -> None:
-    """A value the user's file sets that the run would silently replace is an error naming both."""
+def _check_user_config(ds: dict, cfg: Config, path: Path, world_size: int | None) -> None:
+    """A value the user's file sets that the run would silently replace is an error naming both ("auto", the
+    convention of configs written for other trainers, is left to the run). train_batch_size is checked when the
+    world size is known: samples per optimizer step, micro-batch x accumulation x data-parallel ranks."""
     t = cfg.train
     stage = ds.get("zero_optimization", {}).get("stage", t.zero_stage)
     if stage != t.zero_stage:
         raise ValueError(f"train.ds_config {path} sets ZeRO stage {stage} but train.zero_stage = {t.zero_stage}; "
                          f"make them agree")
     for key, (field, value) in _FROM_YAML.items():
-        if key in ds and ds[key] != value(t):
+        if key in ds and ds[key] != "auto" and ds[key] != value(t):
             raise ValueError(f"train.ds_config {path} sets {key} = {ds[key]} but {field} = {value(t)} decides it; "
                              f"remove it from the file or set {field}")
+    given = ds.get("train_batch_size", "auto")
+    if given != "auto" and world_size:
+        dp = world_size // (cfg.parallel.tensor_parallel * cfg.parallel.sequence_parallel)
+        samples = t.micro_batch_size * t.gradient_accumulation_steps * dp
+        if given != samples:
+            raise ValueError(f"train.ds_config {path} sets train_batch_size = {given} but the run's global batch is "
+                             f"train.micro_batch_size x train.gradient_accumulation_steps x data-parallel ranks = "
+                             f"{t.micro_batch_size} x {t.gradient_accumulation_steps} x {dp} = {samples} samples; "
+                             f"remove it from the file or change those")
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise ValueError(f"train.ds_config {path}: its {key!r} section would be ignored (the trainer builds AdamW "
@@ -62,12 +73,13 @@ def _check_user_config(ds: dict, cfg: Config, path: Path) -> None:
                              f"train.precision = {t.precision} decides it; remove it from the file")
 
 
-def build_ds_config(cfg: Config) -> dict:
+def build_ds_config(cfg: Config, world_size: int | None = None) -> dict:
+    """`world_size` (processes of the run), when known, also checks the file's train_batch_size."""
     t = cfg.train
     if t.ds_config:
         path = Path(t.ds_config)
         ds = _read(path)
-        _check_user_config(ds, cfg, path)
+        _check_user_config(ds, cfg, path, world_size)
     else:
         ds = {"zero_optimization": {"stage": t.zero_stage}}
     # the file's other precision settings (loss-scale window, hysteresis, ...) are kept; enabled follows the YAML
