@@ -64,7 +64,7 @@ def test_dit_step_gpu_options_fail_clearly_without_a_gpu(capsys):
     assert "--device must be cpu or cuda" in capsys.readouterr().err
 
 
-def test_attention_benchmark_times_both_kernels_and_reports_the_route(tmp_path, monkeypatch):
+def test_attention_benchmark_times_both_kernels_and_reports_the_route(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     assert attention.main(["--dtypes", "fp32", "--threads", "1", "--rounds", "2",
                            "--shapes", "1x600x2x16", "2x40x2x8"]) == 0
@@ -76,8 +76,9 @@ def test_attention_benchmark_times_both_kernels_and_reports_the_route(tmp_path, 
     rows = json.loads((tmp_path / "attention_no_grad.json").read_text())["rows"]
     assert [(r["dtype"], r["auto"]) for r in rows if r["dtype"] == "fp32"] == [("fp32", "sdpa")]
     assert all(r["auto"] == "tiled" for r in rows if r["dtype"] == "bf16")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         attention.main(["--shapes", "1x600x2"])
+    assert e.value.code == 2 and "1x600x2" in capsys.readouterr().err
 
 
 def test_loader_benchmark_reports_the_plan_start(tmp_path, monkeypatch):

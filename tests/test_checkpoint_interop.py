@@ -98,6 +98,63 @@ def test_sat_adaln_chunk_order():
     assert out["transformer_blocks.0.norm2.linear.weight"][::2, 0].tolist() == [3, 4, 5, 9, 10, 11]
 
 
+def test_sat_names_and_layouts_written_by_hand():
+    """The SAT side written out by hand (the released CogVideoX SAT files' names and shapes, here at the tiny 5B-style
+    size), not through diffusers_to_sat: every tensor lands where diffusers keeps it, q/k/v split in that order, the
+    MLP's two matrices not swapped. (The round trip above would not see a rename made wrongly in both directions.)"""
+    d, t, h, ff = 64, 32, 16, 256  # width, time embedding, head dim, MLP hidden
+    layer = {"input_layernorm.weight": (d,), "input_layernorm.bias": (d,),
+             "post_attention_layernorm.weight": (d,), "post_attention_layernorm.bias": (d,),
+             "attention.query_key_value.weight": (3 * d, d), "attention.query_key_value.bias": (3 * d,),
+             "attention.dense.weight": (d, d), "attention.dense.bias": (d,),
+             "mlp.dense_h_to_4h.weight": (ff, d), "mlp.dense_h_to_4h.bias": (ff,),
+             "mlp.dense_4h_to_h.weight": (d, ff), "mlp.dense_4h_to_h.bias": (d,)}
+    mixin = {"adaLN_modulations.{i}.1.weight": (12 * d, t), "adaLN_modulations.{i}.1.bias": (12 * d,),
+             "query_layernorm_list.{i}.weight": (h,), "query_layernorm_list.{i}.bias": (h,),
+             "key_layernorm_list.{i}.weight": (h,), "key_layernorm_list.{i}.bias": (h,)}
+    shapes = {"time_embed.0.weight": (t, d), "time_embed.0.bias": (t,), "time_embed.2.weight": (t, t),
+              "time_embed.2.bias": (t,), "mixins.patch_embed.proj.weight": (d, 4, 2, 2), "mixins.patch_embed.proj.bias": (d,),
+              "mixins.patch_embed.text_proj.weight": (d, 24), "mixins.patch_embed.text_proj.bias": (d,),
+              "transformer.final_layernorm.weight": (d,), "transformer.final_layernorm.bias": (d,),
+              "mixins.final_layer.norm_final.weight": (d,), "mixins.final_layer.norm_final.bias": (d,),
+              "mixins.final_layer.adaLN_modulation.1.weight": (2 * d, t),
+              "mixins.final_layer.adaLN_modulation.1.bias": (2 * d,),
+              "mixins.final_layer.linear.weight": (16, d), "mixins.final_layer.linear.bias": (16,)}
+    for i in range(2):
+        shapes.update({f"transformer.layers.{i}.{k}": v for k, v in layer.items()})
+        shapes.update({"mixins.adaln_layer." + k.format(i=i): v for k, v in mixin.items()})
+    g = torch.Generator().manual_seed(0)
+    sat = {"model.diffusion_model." + k: torch.randn(v, generator=g) for k, v in shapes.items()}
+    out = sat_to_diffusers(sat)
+    ref = make_reference("5b").state_dict()
+    assert out.keys() == ref.keys() and all(out[k].shape == ref[k].shape for k in ref)
+
+    def sat_of(name):
+        return sat["model.diffusion_model." + name]
+
+    qkv = sat_of("transformer.layers.1.attention.query_key_value.weight")
+    for j, name in enumerate(["to_q", "to_k", "to_v"]):
+        assert torch.equal(out[f"transformer_blocks.1.attn1.{name}.weight"], qkv[j * d:(j + 1) * d])
+        assert torch.equal(out[f"transformer_blocks.1.attn1.{name}.bias"],
+                           sat_of("transformer.layers.1.attention.query_key_value.bias")[j * d:(j + 1) * d])
+    for ours, theirs in [("transformer_blocks.1.attn1.to_out.0.weight", "transformer.layers.1.attention.dense.weight"),
+                         ("transformer_blocks.1.ff.net.0.proj.weight", "transformer.layers.1.mlp.dense_h_to_4h.weight"),
+                         ("transformer_blocks.1.ff.net.2.weight", "transformer.layers.1.mlp.dense_4h_to_h.weight"),
+                         ("transformer_blocks.1.norm1.norm.weight", "transformer.layers.1.input_layernorm.weight"),
+                         ("transformer_blocks.1.norm2.norm.weight", "transformer.layers.1.post_attention_layernorm.weight"),
+                         ("transformer_blocks.1.attn1.norm_q.weight", "mixins.adaln_layer.query_layernorm_list.1.weight"),
+                         ("transformer_blocks.1.attn1.norm_k.weight", "mixins.adaln_layer.key_layernorm_list.1.weight"),
+                         ("time_embedding.linear_1.weight", "time_embed.0.weight"),
+                         ("time_embedding.linear_2.weight", "time_embed.2.weight"),
+                         ("patch_embed.proj.weight", "mixins.patch_embed.proj.weight"),
+                         ("patch_embed.text_proj.weight", "mixins.patch_embed.text_proj.weight"),
+                         ("norm_final.weight", "transformer.final_layernorm.weight"),
+                         ("norm_out.norm.weight", "mixins.final_layer.norm_final.weight"),
+                         ("norm_out.linear.weight", "mixins.final_layer.adaLN_modulation.1.weight"),
+                         ("proj_out.weight", "mixins.final_layer.linear.weight")]:
+        assert torch.equal(out[ours], sat_of(theirs)), ours
+
+
 class Boom:  # stands for an arbitrary object in an untrusted pickle
     pass
 

@@ -44,14 +44,21 @@ def _errors(qkv, cotangent, fn):
 SHAPES = [(2, 100, 3, 32), (1, 333, 4, 64), (3, 17, 2, 16)]
 
 
-@pytest.mark.parametrize("tile_bytes", [A.TILE_BYTES, 40_000], ids=["default_tiles", "small_tiles"])
+def _small_tiles(monkeypatch, pairs: int, s: int, s_kv: int) -> None:
+    """Tiles of pairs // 2 + 1 (sample, head) pairs (float32 scores): two tiles, the second one shorter."""
+    monkeypatch.setattr(A, "TILE_BYTES", (pairs // 2 + 1) * s * s_kv * 4)
+    monkeypatch.setattr(A, "TILE_BYTES_ONE_PAIR_PER_THREAD", 0)  # whatever this machine's thread count
+    tile = A._tile(pairs, s, torch.float32, s_kv)
+    assert 1 <= tile < pairs and pairs % tile, tile  # several tiles and a remainder
+
+
+@pytest.mark.parametrize("small_tiles", [False, True], ids=["default_tiles", "small_tiles"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_tiled_attention_float32_matches_float64(shape, tile_bytes, monkeypatch):
+def test_tiled_attention_float32_matches_float64(shape, small_tiles, monkeypatch):
     """Output and all three input gradients; small tiles split the (sample, head) pairs into several tiles and a
     remainder."""
-    monkeypatch.setattr(A, "TILE_BYTES", tile_bytes)
-    if tile_bytes != A.TILE_BYTES:  # and not one pair per thread, whatever this machine's thread count
-        monkeypatch.setattr(A, "TILE_BYTES_ONE_PAIR_PER_THREAD", 0)
+    if small_tiles:
+        _small_tiles(monkeypatch, shape[0] * shape[2], shape[1], shape[1])
     qkv = _qkv(*shape, torch.float32)
     cot = torch.randn(*shape, dtype=torch.float32)
     for err in _errors(qkv, cot, lambda q, k, v: A.attention(q, k, v, "tiled")):
@@ -70,14 +77,13 @@ def test_tiled_attention_bfloat16_is_as_accurate_as_sdpa(shape, logit_scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tile_bytes", [A.TILE_BYTES, 40_000], ids=["default_tiles", "small_tiles"])
-def test_tiled_attention_with_fewer_queries_than_keys(dtype, tile_bytes, monkeypatch):
+@pytest.mark.parametrize("small_tiles", [False, True], ids=["default_tiles", "small_tiles"])
+def test_tiled_attention_with_fewer_queries_than_keys(dtype, small_tiles, monkeypatch):
     """The last block's case: the video tokens' queries (the stream without its first n_text rows) against the
     whole stream's keys and values. Output and gradients against float64, within the same bounds as above."""
-    monkeypatch.setattr(A, "TILE_BYTES", tile_bytes)
-    if tile_bytes != A.TILE_BYTES:
-        monkeypatch.setattr(A, "TILE_BYTES_ONE_PAIR_PER_THREAD", 0)
     n_text, shape = 37, (2, 160, 3, 32)
+    if small_tiles:
+        _small_tiles(monkeypatch, shape[0] * shape[2], shape[1] - n_text, shape[1])
     qkv = _qkv(*shape, dtype)
     cot = torch.randn(shape[0], shape[1] - n_text, *shape[2:]).to(dtype)
 
@@ -164,6 +170,8 @@ def test_route():
         assert A.use_tiled(torch.empty(8, cut + 1, 4, 32), "auto")
     finally:
         torch.set_num_threads(threads)
+    # never on another device (flash is faster on GPUs): a meta tensor stands in for one here
+    assert not A.use_tiled(bf.to("meta"), "auto") and A.use_tiled(bf.to("meta"), "tiled")
     if torch.cuda.is_available():
         assert not A.use_tiled(bf.cuda(), "auto")
     with pytest.raises(ValueError, match="attention kernel"):
@@ -189,7 +197,7 @@ def test_the_model_on_the_tiled_kernel_matches_diffusers(tmp_path, monkeypatch):
         assert rel_err(a, b) < FP32_TOL
 
 
-def test_bfloat16_model_is_as_accurate_on_either_kernel(tmp_path):
+def test_bfloat16_model_is_as_accurate_on_either_kernel(tmp_path, monkeypatch):
     """bfloat16 models, auto (the tiled kernel at this size) and cpu_attention=sdpa, against the float32 model:
     the output, input and all-parameter gradient errors of the tiled one within 1.25x of SDPA's (observed: 0.73%
     vs 0.73% output, 0.86% vs 0.85% parameter gradients)."""
@@ -202,12 +210,18 @@ def test_bfloat16_model_is_as_accurate_on_either_kernel(tmp_path):
     def grads(m):
         return torch.cat([p.grad.double().flatten() for p in m.parameters()])
 
-    errors = {}
+    calls = []
+    real = A._TiledAttention.apply
+    monkeypatch.setattr(A._TiledAttention, "apply", lambda *a: calls.append(1) or real(*a))
+    errors, tiled_calls = {}, {}
     for kernel in ("auto", "sdpa"):
         m = CogVideoXTransformer.from_diffusers(tmp_path, dtype=torch.bfloat16, cpu_attention=kernel,
                                                 cpu_half_compute="native")
+        calls.clear()
         got = forward_backward(m, x, text, t, probe)
+        tiled_calls[kernel] = len(calls)
         errors[kernel] = [rel_err(a, b) for a, b in zip(got, expected)] + [rel_err(grads(m), grads(reference))]
+    assert tiled_calls == {"auto": m.config.num_layers, "sdpa": 0}  # the two runs took different kernels
     for tiled, sdpa in zip(errors["auto"], errors["sdpa"]):
         assert tiled < 1.25 * sdpa, errors
 

@@ -121,23 +121,38 @@ def test_compiled_blocks_match_eager(tmp_path):
     compiled = CogVideoXTransformer.from_diffusers(tmp_path, compile_blocks=True)
     assert [n for n, _ in eager.named_parameters()] == [n for n, _ in compiled.named_parameters()]
     x, text, t, probe = make_inputs("5b", SIZES[0])
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     for _ in range(2):  # the second call runs the cached compiled graph
         a, b = _forward_backward(eager, x, text, t, probe), _forward_backward(compiled, x, text, t, probe)
+    # dynamo captured graphs (the blocks; the last one is its own graph: it returns the video tokens only)
+    assert counters["stats"]["unique_graphs"] >= 2, dict(counters["stats"])
     for u, v in zip(a, b):
         assert _rel(v, u) < 1e-5
     for (n, p), q in zip(eager.named_parameters(), compiled.parameters()):
         assert _rel(q.grad, p.grad) < 1e-4, n
 
 
-def test_cpu_half_compute_fallback_matches_native_bf16(tmp_path):
+def test_cpu_half_compute_fallback_matches_native_bf16(tmp_path, monkeypatch):
+    """bf16 storage with float32 compute: the attention sublayer really runs in float32 (its inputs are seen
+    there), and the results are as close to the float32 model as native bf16's (both are dominated by the bf16
+    storage of weights and activations: 0.73% vs 0.74% output error observed)."""
+    from cogvx_ds.models.dit import layers
+
     make_reference("5b").save_pretrained(tmp_path)
     f32 = CogVideoXTransformer.from_diffusers(tmp_path)
     fallback = CogVideoXTransformer.from_diffusers(tmp_path, dtype=torch.bfloat16, cpu_half_compute="fp32")
     native = CogVideoXTransformer.from_diffusers(tmp_path, dtype=torch.bfloat16, cpu_half_compute="native")
     x, text, t, probe = make_inputs("5b", SIZES[0])
     want = _forward_backward(f32, x, text, t, probe)
+    seen = []
+    real = layers.attention
+    monkeypatch.setattr(layers, "attention", lambda q, k, v, kernel: seen.append(q.dtype) or real(q, k, v, kernel))
     got = _forward_backward(fallback, x.bfloat16(), text.bfloat16(), t, probe)
     nat = _forward_backward(native, x.bfloat16(), text.bfloat16(), t, probe)
+    layers_ = fallback.config.num_layers
+    assert seen == [torch.float32] * layers_ + [torch.bfloat16] * layers_
     for w, g, n in zip(want, got, nat):
         assert g.dtype == torch.bfloat16
         assert _rel(g, w) < max(2 * _rel(n, w), 2e-2)  # as close to fp32 as native bf16 is (or closer)

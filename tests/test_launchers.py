@@ -171,7 +171,8 @@ def test_bad_config_launches_nothing(env):
     assert proc.returncode == 2
     assert "parallel.tensor_parallel" in proc.stderr and "nothing was launched" in proc.stderr
     assert not any(x.startswith("srun") for x in log(env))
-    assert _sbatch("train_lq.sbatch", {k: v for k, v in env.items() if k != "DATA"}).returncode != 0
+    proc = _sbatch("train_lq.sbatch", {k: v for k, v in env.items() if k != "DATA"})
+    assert proc.returncode != 0 and "set DATA to the latent shard folder" in proc.stderr
 
 
 def test_run_dir_belongs_to_one_job(env):
@@ -192,7 +193,8 @@ def test_encode_array_job(env, tmp_path):
     assert line.startswith("srun --ntasks=1") and "-m data_tools.encode_latents --input /data/raw/manifest.jsonl" in line
     assert "--vae /m/vae --out /data/lat --buckets 480x720x49 --fps 8 --text-encoder /m/t5" in line
     assert "array task 3 of 16" in proc.stdout
-    assert _sbatch("encode_array.sbatch", env).returncode != 0  # INPUT/VAE/OUT are required
+    proc = _sbatch("encode_array.sbatch", env)  # INPUT/VAE/OUT are required
+    assert proc.returncode != 0 and "INPUT" in proc.stderr
 
 
 def test_local_launcher(env):

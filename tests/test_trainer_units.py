@@ -146,16 +146,23 @@ def test_atomic_writes_and_checkpoints_are_flushed_to_disk(tmp_path, monkeypatch
 def test_fsync_tree_skips_a_file_renamed_away_while_it_walks(tmp_path, monkeypatch):
     """Rank 0 writes trainer_state.json through a temp file beside what other ranks walk: a temp file that is
     listed, then renamed before it is opened, is skipped (it crashed that rank with FileNotFoundError)."""
+    import os
+
     from cogvx_ds import utils
 
     (tmp_path / ".trainer_state.json.tmp-host-1").write_text("{}")
     (tmp_path / "model.pt").write_bytes(b"x")
+    (tmp_path / "zz").mkdir()
+    (tmp_path / "zz" / "optim.pt").write_bytes(b"y")
     real = utils.fsync_path
+    synced = []
 
     def renamed_meanwhile(path):
         if ".tmp-" in str(path):
             raise FileNotFoundError(path)
         real(path)
+        synced.append(os.path.relpath(path, tmp_path))
 
     monkeypatch.setattr(utils, "fsync_path", renamed_meanwhile)
-    utils.fsync_tree(tmp_path)  # no error
+    utils.fsync_tree(tmp_path)  # no error, and the walk goes on past the vanished file
+    assert sorted(synced) == [".", "model.pt", "zz", os.path.join("zz", "optim.pt")]

@@ -21,7 +21,7 @@ from .schedule import (
     scaled_linear_betas,
     shift_snr,
 )
-from .timesteps import explicit_uniform_interval, sample_timesteps, sampling_generator, sampling_seed
+from .timesteps import explicit_uniform_interval, sampling_generator, sampling_seed
 
 __all__ = [
     "NoiseSchedule",
@@ -38,7 +38,6 @@ __all__ = [
     "noise_from_seeds",
     "rescale_zero_terminal_snr",
     "sample",
-    "sample_timesteps",
     "sampling_generator",
     "sampling_seed",
     "scaled_linear_betas",

@@ -44,29 +44,6 @@ def explicit_uniform_interval(dp_rank: int, dp_world_size: int, num_train_timest
     return lo, max(hi, lo + 1)
 
 
-def sample_timesteps(
-    batch_size: int,
-    num_train_timesteps: int,
-    *,
-    generator: torch.Generator,
-    dp_rank: int = 0,
-    dp_world_size: int = 1,
-    explicit_uniform: bool = True,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """Integer timesteps [batch_size] (int64) for one rank's batch.
-
-    ``explicit_uniform=False`` draws uniformly from [0, T) on every rank. The generator must live on the CPU, so
-    the same seed yields the same t on any device; the result is then moved to ``device``.
-    """
-    if explicit_uniform:
-        lo, hi = explicit_uniform_interval(dp_rank, dp_world_size, num_train_timesteps)
-    else:
-        lo, hi = 0, num_train_timesteps
-    t = torch.randint(lo, hi, (batch_size,), generator=generator, dtype=torch.int64)
-    return t.to(device)
-
-
 def sampling_seed(seed: int, step: int, stream: int, micro_step: int = 0) -> int:
     """A well-mixed 63-bit seed from (seed, step, stream, micro_step); a hash, so nearby inputs give unrelated
     streams. The trainer's stream is the global sample index (micro_step 0); a per-rank scheme would pass the DP
