@@ -136,11 +136,17 @@ def is_glibc() -> bool:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
+# what tune_malloc sets, and the glibc settings that decide the same thing: a user's own value of any wins
+_MALLOC_SETTINGS = ("trim_threshold", "mmap_threshold", "top_pad", "mmap_max")
+
+
 def _user_malloc_settings() -> bool:
-    """Whether the environment tunes glibc's malloc itself: any MALLOC_* variable (MALLOC_ARENA_MAX,
-    MALLOC_TRIM_THRESHOLD_, ...) or a glibc.malloc.* entry of GLIBC_TUNABLES."""
-    return (any(k.startswith("MALLOC_") for k in os.environ)
-            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""))
+    """Whether the environment sets what tune_malloc would: MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_,
+    MALLOC_TOP_PAD_ or MALLOC_MMAP_MAX_, or their glibc.malloc.* entries in GLIBC_TUNABLES. Other malloc settings
+    (MALLOC_ARENA_MAX, hugetlb, tcache, jemalloc's MALLOC_CONF) do not conflict and leave it on."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    return any(f"MALLOC_{name.upper()}_" in os.environ or f"glibc.malloc.{name}=" in tunables
+               for name in _MALLOC_SETTINGS)
 
 
 def tune_malloc() -> bool:
@@ -150,8 +156,7 @@ def tune_malloc() -> bool:
     1 ms tuned (tests/test_malloc.py checks a smaller model). Sets a fixed 32 MiB mmap threshold (glibc's
     largest; bigger blocks are still mapped and unmapped) and no trimming of the heap top, keeping the memory as
     jemalloc/tcmalloc would. The process's resident memory then stays at its peak. Skipped when the environment
-    tunes malloc (any MALLOC_* variable or a glibc.malloc.* GLIBC_TUNABLES entry: yours win) or
-    COGVX_DS_MALLOC=default. Returns whether it changed anything."""
+    sets any of these itself (`_user_malloc_settings`: yours win) or COGVX_DS_MALLOC=default. Returns whether it changed anything."""
     import ctypes
 
     if os.environ.get("COGVX_DS_MALLOC") == "default" or _user_malloc_settings():

@@ -54,7 +54,7 @@ def test_drawn_timesteps_stay_in_interval_and_fill_it(n):
         t = torch.cat([draws(step, j, 1)[0] for step in range(2000)])
         assert t.dtype == torch.int64
         assert int(t.min()) >= lo and int(t.max()) < hi
-        if hi - lo <= 100:  # 2000 draws hit every value of a small interval
+        if hi - lo <= 200:  # 2000 draws hit every value of an interval this small (seeded: the same draws each run)
             assert set(t.tolist()) == set(range(lo, hi))
 
 
@@ -110,3 +110,12 @@ def test_caption_dropout_rate():
     assert abs(drop.double().mean().item() - 0.1) < 0.0127  # 6 standard deviations
     assert not _drawer(8, caption_dropout=0.0)(0, 0, 8)[3].any()
     assert _drawer(8, caption_dropout=1.0)(0, 0, 8)[3].all()
+
+
+def test_bad_arguments_name_the_field():
+    with pytest.raises(ValueError, match="dp_world_size"):
+        explicit_uniform_interval(0, 0, T)
+    with pytest.raises(ValueError, match="dp_rank"):
+        explicit_uniform_interval(4, 4, T)
+    with pytest.raises(ValueError, match="num_train_timesteps"):
+        explicit_uniform_interval(0, 1, 0)

@@ -341,6 +341,7 @@ def test_corrupt_shard_is_skipped_and_counted_and_pickles_never_load(tmp_path):
 def test_help_explains():
     out = subprocess.run([sys.executable, "-m", "cogvx_ds.train", "--help"], capture_output=True, text=True).stdout
     assert "--config" in out and "SIGTERM" in out and "run dir" in out.lower()
+    out = " ".join(out.split())  # argparse wraps the help to the terminal's width ($COLUMNS)
     assert "WORLD_SIZE" in out and "every key with its default" in out  # --print-config's two uses
 
 

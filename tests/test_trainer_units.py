@@ -82,16 +82,28 @@ def test_a_ds_config_value_the_yaml_decides_is_not_silently_replaced(tmp_path):
     assert "train_batch_size" not in build_ds_config(cfg)  # world unknown: not checked, and DeepSpeed derives it
     ds.write_text(json.dumps({**zero, "train_batch_size": 8}))
     assert "train_batch_size" not in build_ds_config(cfg, world_size=4)
-    auto = build({**zero, "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
-                  "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"})
+    auto_doc = {**zero, "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"}}
+    auto = build(auto_doc)
     assert auto["train_micro_batch_size_per_gpu"] == 2 and auto["gradient_clipping"] == 1.0
+    assert auto["bf16"]["enabled"] is False  # train.precision = fp32
+    ds.write_text(json.dumps(auto_doc))
+    assert "train_batch_size" not in build_ds_config(cfg, world_size=4)  # "auto" with the world size known
+    ds.write_text(json.dumps({**zero, "train_batch_size": "8"}))
+    with pytest.raises(ValueError, match="train_batch_size = '8' but .* = 8 samples"):  # a string is not the number
+        build_ds_config(cfg, world_size=4)
+    # "auto" where this trainer fills nothing in fails here, not in every rank after launch
+    with pytest.raises(ValueError, match='zero_optimization.reduce_bucket_size = "auto" is filled in only for'):
+        build({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}})
+    with pytest.raises(ValueError, match="sets ZeRO stage auto"):
+        build({"zero_optimization": {"stage": "auto"}})
     # the file's own precision settings survive (they were replaced by ours wholesale)
     got = build({**zero, "fp16": {"hysteresis": 4, "initial_scale_power": 12}, "gradient_clipping": 1.0},
                 "train.precision=fp16")
     assert got["fp16"] == {"initial_scale_power": 12, "loss_scale_window": 500, "hysteresis": 4, "enabled": True}
 
 
-def test_print_config_checks_the_ds_config_before_any_launch(tmp_path, capsys):
+def test_print_config_checks_the_ds_config_before_any_launch(tmp_path, capsys, monkeypatch):
     """launch/_train_common.sh runs --print-config before starting processes: a missing ds_config, or one whose
     ZeRO stage disagrees with train.zero_stage, used to pass it and fail in every rank after launch."""
     from pathlib import Path
@@ -104,6 +116,17 @@ def test_print_config_checks_the_ds_config_before_any_launch(tmp_path, capsys):
     assert train_cli.main(["--config", "tiny", f"train.ds_config={zero2}", "--print-config"]) == 2
     assert "sets ZeRO stage 2 but train.zero_stage = 3" in capsys.readouterr().err
     assert train_cli.main(["--config", "tiny", f"train.ds_config={zero2}", "train.zero_stage=2", "--print-config"]) == 0
+    # the launch's world size reaches the train_batch_size check (micro 2 x accumulation 1 x DP 4 = 8 samples)
+    batch = tmp_path / "batch.json"
+    batch.write_text('{"zero_optimization": {"stage": 3}, "train_batch_size": 16}')
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert train_cli.main(["--config", "tiny", f"train.ds_config={batch}", "--print-config"]) == 2
+    assert "train_batch_size = 16 but" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train_cli.main(["--config", "tiny", f"train.ds_config={batch}", "--print-config"]) == 2
+    batch.write_text('{"zero_optimization": {"stage": 3}, "train_batch_size": 8}')
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert train_cli.main(["--config", "tiny", f"train.ds_config={batch}", "--print-config"]) == 0
 
 
 def test_a_ds_config_without_a_zero_section_gets_the_yamls_stage(tmp_path):

@@ -39,10 +39,20 @@ def _read(path: Path) -> dict:
     return ds
 
 
+def _auto_keys(d: dict, prefix: str = ""):
+    """Dotted names of the values "auto" in a DeepSpeed config."""
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _auto_keys(v, f"{prefix}{k}.")
+        elif v == "auto":
+            yield prefix + k
+
+
 def _check_user_config(ds: dict, cfg: Config, path: Path, world_size: int | None) -> None:
-    """A value the user's file sets that the run would silently replace is an error naming both ("auto", the
-    convention of configs written for other trainers, is left to the run). train_batch_size is checked when the
-    world size is known: samples per optimizer step, micro-batch x accumulation x data-parallel ranks."""
+    """A value the user's file sets that the run would silently replace is an error naming both. "auto" (the
+    convention of configs written for other trainers) is accepted where the YAML decides the value, except the ZeRO
+    stage, and refused anywhere else (DeepSpeed would fail on it in every rank after launch). train_batch_size is
+    checked when the world size is known: samples per optimizer step, micro-batch x accumulation x DP ranks."""
     t = cfg.train
     stage = ds.get("zero_optimization", {}).get("stage", t.zero_stage)
     if stage != t.zero_stage:
@@ -50,17 +60,24 @@ def _check_user_config(ds: dict, cfg: Config, path: Path, world_size: int | None
                          f"make them agree")
     for key, (field, value) in _FROM_YAML.items():
         if key in ds and ds[key] != "auto" and ds[key] != value(t):
-            raise ValueError(f"train.ds_config {path} sets {key} = {ds[key]} but {field} = {value(t)} decides it; "
+            raise ValueError(f"train.ds_config {path} sets {key} = {ds[key]!r} but {field} = {value(t)} decides it; "
                              f"remove it from the file or set {field}")
     given = ds.get("train_batch_size", "auto")
     if given != "auto" and world_size:
         dp = world_size // (cfg.parallel.tensor_parallel * cfg.parallel.sequence_parallel)
         samples = t.micro_batch_size * t.gradient_accumulation_steps * dp
         if given != samples:
-            raise ValueError(f"train.ds_config {path} sets train_batch_size = {given} but the run's global batch is "
-                             f"train.micro_batch_size x train.gradient_accumulation_steps x data-parallel ranks = "
-                             f"{t.micro_batch_size} x {t.gradient_accumulation_steps} x {dp} = {samples} samples; "
-                             f"remove it from the file or change those")
+            raise ValueError(f"train.ds_config {path} sets train_batch_size = {given!r} but the run's global batch "
+                             f"is train.micro_batch_size x train.gradient_accumulation_steps x data-parallel ranks = "
+                             f"{t.micro_batch_size} x {t.gradient_accumulation_steps} x {dp} = {samples} samples "
+                             f"(DeepSpeed's own log counts the sequence-parallel ranks too); remove it from the file "
+                             f"or change those")
+    decided = {*_FROM_YAML, "train_batch_size", "bf16.enabled", "fp16.enabled"}
+    for key in _auto_keys(ds):
+        if key not in decided:
+            raise ValueError(f"train.ds_config {path}: {key} = \"auto\" is filled in only for the batch sizes, "
+                             f"gradient clipping and bf16/fp16.enabled (the YAML decides those); give {key} a value "
+                             f"or remove it")
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise ValueError(f"train.ds_config {path}: its {key!r} section would be ignored (the trainer builds AdamW "
@@ -68,7 +85,7 @@ def _check_user_config(ds: dict, cfg: Config, path: Path, world_size: int | None
                              f"train.warmup_steps and train.lr_schedule); remove it")
     for key in ("bf16", "fp16"):
         enabled = ds.get(key, {}).get("enabled")
-        if enabled is not None and enabled != (t.precision == key):
+        if enabled not in (None, "auto") and enabled != (t.precision == key):
             raise ValueError(f"train.ds_config {path} sets {key}.enabled = {str(enabled).lower()} but "
                              f"train.precision = {t.precision} decides it; remove it from the file")
 
