@@ -1,8 +1,9 @@
 """The expert-AdaLN transformer block with Megatron-core tensor-parallel attention and MLP.
 
 A block works on one stream [text tokens; video tokens] ([B, S, D], text first): the linear layers see all
-tokens in one matmul (the last block's attention projection and MLP see the video tokens only), and the per-modality parts (expert AdaLN, gates, RoPE) are applied segment-wise by the
-fused Functions in `fused.py` without splitting and re-joining the stream.
+tokens in one matmul (the last block's attention projection and MLP see the video tokens only), and the
+per-modality parts (expert AdaLN, gates, RoPE) are applied segment-wise by the fused Functions in `fused.py`
+without splitting and re-joining the stream.
 """
 
 from __future__ import annotations
