@@ -111,8 +111,9 @@ def main(argv=None) -> int:
                          "bf16), for an MFU against it beside the measured one")
     ap.add_argument("--batch", type=int, default=1, help="samples per step (default 1)")
     ap.add_argument("--reps", type=int, default=15,
-                    help="timed rounds per dtype, default 15 (bf16 on a CPU without native bf16 kernels: min(reps, 3), it is slow "
-                         "there); a 2-core VM's step-to-step noise is +-10%%, so fewer rounds give unsteady medians")
+                    help="timed rounds per dtype, default 15 (bf16 on a CPU without native bf16 kernels: "
+                         "min(reps, 3), it is slow there); a 2-core VM's step-to-step noise is +-10%%, so fewer "
+                         "rounds give unsteady medians")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: this thread's CPU time (needs --threads 1); steadier than wall time on a CPU shared "

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU part of the performance benchmarks, prepared for a GPU machine without internet access (the wheels it
-# lacks are downloaded beside the repo first, then carried over with it): the DiT training step of CogVideoX-2B and -5B shapes with fewer layers
-# (49x480x720 clips, bf16), ours beside diffusers on the same weights, MFU against the card's measured bf16
-# matmul and against its datasheet peak (989 TFLOP/s dense bf16 for an H100/H200 SXM), and the step's
+# lacks are downloaded beside the repo first, then carried over with it): the DiT training step of CogVideoX-2B
+# and -5B shapes with fewer layers (49x480x720 clips, bf16), ours beside diffusers on the same weights, MFU
+# against the card's measured bf16 matmul and against its datasheet peak (989 TFLOP/s dense bf16 for an H100/H200 SXM), and the step's
 # peak memory with and without model.recompute_gelu.
 #
 #   here:   bash benchmarks/gpu_mfu.sh prepare

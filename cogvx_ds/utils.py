@@ -156,7 +156,8 @@ def tune_malloc() -> bool:
     1 ms tuned (tests/test_malloc.py checks a smaller model). Sets a fixed 32 MiB mmap threshold (glibc's
     largest; bigger blocks are still mapped and unmapped) and no trimming of the heap top, keeping the memory as
     jemalloc/tcmalloc would. The process's resident memory then stays at its peak. Skipped when the environment
-    sets any of these itself (`_user_malloc_settings`: yours win) or COGVX_DS_MALLOC=default. Returns whether it changed anything."""
+    sets any of these itself (`_user_malloc_settings`: yours win) or COGVX_DS_MALLOC=default. Returns whether it
+    changed anything."""
     import ctypes
 
     if os.environ.get("COGVX_DS_MALLOC") == "default" or _user_malloc_settings():

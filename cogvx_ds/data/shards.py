@@ -216,7 +216,8 @@ def sample_bucket(meta: dict, where: str = "sample json") -> tuple[str, int]:
     if not isinstance(meta, dict):
         raise ShardError(f"{where}: expected a JSON object, got {type(meta).__name__}")
     raw = meta.get("latent_frames", meta.get("frames", 1))
-    if (isinstance(raw, bool) or not isinstance(raw, (int, float)) or (isinstance(raw, float) and not math.isfinite(raw))
+    if (isinstance(raw, bool) or not isinstance(raw, (int, float))
+            or (isinstance(raw, float) and not math.isfinite(raw))
             or not 1 <= raw <= MAX_LATENT_FRAMES or raw != int(raw)):
         raise ShardError(f"{where}: latent_frames/frames must be a positive whole number, got {raw!r}")
     frames = int(raw)

@@ -21,7 +21,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", action="append", default=[], metavar="YAML",
                     help="config file or packaged name (model/tiny, stages/lq_pretrain, ...); later ones win")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.lr=1e-4 data.shards=[a/]")
-    ap.add_argument("--print-config", action="store_true", help="print the resolved, validated config and exit (alone: every key with its default). The "
+    ap.add_argument("--print-config", action="store_true",
+                    help="print the resolved, validated config and exit (alone: every key with its default). The "
                          "layout is checked against WORLD_SIZE (default 1): WORLD_SIZE=8 ... --print-config checks an "
                          "8-process launch, train.ds_config included")
     # the deepspeed launcher appends --local_rank=N (and sets LOCAL_RANK, which is what is read)
