@@ -65,16 +65,18 @@ def main(argv=None) -> int:
 
     single_process_env()
     tune_malloc()
+    from cogvx_ds.parallel import destroy_distributed
     from cogvx_ds.train.trainer import Trainer
 
     try:
         trainer = Trainer(cfg)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        # a refused resume has its process group up: left open, gloo's threads can abort the interpreter's exit
+        # ("terminate called without an active exception", exit code -6 instead of 2; seen once in CI)
+        destroy_distributed()
         return 2
     rc = trainer.run()
-    from cogvx_ds.parallel import destroy_distributed
-
     destroy_distributed()  # NCCL warns at exit (and some versions hang in teardown) when the group is left open
     return rc
 
